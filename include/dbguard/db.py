@@ -1,0 +1,104 @@
+"""Connections: conn_id -> DSN -> psycopg 3 connection with a canonical session.
+
+Every connection dbguard opens pins the session settings that change how
+values print (TimeZone, DateStyle, IntervalStyle, extra_float_digits,
+bytea_output), so text produced on source and target is comparable.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from .errors import ConnectionFailed
+
+SESSION_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "application_name": "dbguard",
+}
+
+# The Airflow layer installs a resolver that asks Airflow's connection store;
+# the library alone reads AIRFLOW_CONN_<ID> (the same URIs Airflow accepts).
+_resolver: Callable[[str], str | None] | None = None
+
+
+def set_resolver(fn: Callable[[str], str | None] | None) -> None:
+    global _resolver
+    _resolver = fn
+
+
+def env_var(conn_id: str) -> str:
+    return f"AIRFLOW_CONN_{conn_id.upper()}"
+
+
+def dsn_for(conn_id: str) -> str:
+    """Resolve a conn_id (or pass a DSN through) to a libpq URI."""
+    if "://" in conn_id or "=" in conn_id:
+        return conn_id
+    uri = os.environ.get(env_var(conn_id))
+    if not uri and _resolver is not None:
+        uri = _resolver(conn_id)
+    if not uri:
+        raise ConnectionFailed(
+            f"connection {conn_id!r} is not defined: set {env_var(conn_id)}=postgresql://user:pass@host:5432/db "
+            f"or add it in Airflow (Admin > Connections); for the embedded servers run `dbguard embedded`"
+        )
+    if uri.startswith("postgres://"):  # Airflow's scheme; libpq wants postgresql://
+        uri = "postgresql://" + uri[len("postgres://"):]
+    return uri
+
+
+def redact(dsn: str) -> str:
+    """A DSN safe to print: the password replaced."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable dsn>"
+    host = info.get("host", "")
+    return f"{info.get('user', '')}@{host or 'localhost'}:{info.get('port', '5432')}/{info.get('dbname', '')}"
+
+
+def connect(conn_id: str, *, autocommit: bool = False, dbname: str | None = None,
+            connect_timeout: int = 10) -> psycopg.Connection:
+    dsn = dsn_for(conn_id)
+    kwargs: dict = {"autocommit": autocommit, "connect_timeout": connect_timeout}
+    if dbname:
+        kwargs["dbname"] = dbname
+    try:
+        conn = psycopg.connect(dsn, **kwargs)
+    except psycopg.OperationalError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionFailed(
+            f"cannot reach {conn_id!r} ({redact(dsn)}): {first}; check that the server runs and "
+            f"{env_var(conn_id)} (or the Airflow connection) points at it"
+        ) from None
+    with conn.cursor() as cur:
+        for k, v in SESSION_SETTINGS.items():
+            cur.execute(sql.SQL("SELECT set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v)))
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+@contextmanager
+def connection(conn_id: str, **kw) -> Iterator[psycopg.Connection]:
+    conn = connect(conn_id, **kw)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def qname(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def server_version(conn: psycopg.Connection) -> int:
+    return conn.info.server_version
