@@ -73,6 +73,9 @@ class Endpoint(_Model):
 
 
 class TargetEndpoint(Endpoint):
+    database: Ident | None = Field(
+        None, description="target database name (default: the one in the connection); see create_database"
+    )
     encoding: str = Field("UTF8", description="required server encoding of the target database")
     collation: str = Field("C", description="LC_COLLATE of the target database, and the default column collation")
     ctype: str = Field("C", description="LC_CTYPE of the target database")
@@ -122,6 +125,123 @@ class ForeignKey(_Model):
         return self
 
 
+
+# ---- vector and search stores (retrieval) ---------------------------------------------
+
+Metric = Literal["l2", "cosine", "ip"]
+_VECTOR_TYPE = re.compile(r"^vector\((\d+)\)$")
+_FLOAT_ARRAY = {"real[]", "double precision[]", "float4[]", "float8[]"}
+
+
+def vector_type_dim(sql_type: str) -> int | None:
+    """N for 'vector(N)', else None."""
+    m = _VECTOR_TYPE.match(sql_type)
+    return int(m.group(1)) if m else None
+
+
+class VectorIndex(_Model):
+    """An ANN index on a pgvector column; parameters as pgvector names them."""
+
+    type: Literal["hnsw", "ivfflat"] = "hnsw"
+    m: int | None = Field(None, description="hnsw: links per node, 2..100 (default 16)")
+    ef_construction: int | None = Field(None, description="hnsw: build candidate list, 4..1000, >= 2*m (default 64)")
+    ef_search: int | None = Field(None, description="hnsw: query candidate list, 1..1000 (default 40)")
+    lists: int | None = Field(None, description="ivfflat: inverted lists, 1..32768 (default 100)")
+    probes: int | None = Field(None, description="ivfflat: lists probed per query, 1..lists (default 1)")
+    name: Ident | None = Field(None, description="index name (default <table>_<column>_<type>_idx)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VectorIndex":
+        hnsw, ivf = ("m", "ef_construction", "ef_search"), ("lists", "probes")
+        wrong = [f for f in (ivf if self.type == "hnsw" else hnsw) if getattr(self, f) is not None]
+        if wrong:
+            raise ValueError(f"{self.type} index does not take {wrong}; "
+                             f"{self.type} takes {list(hnsw if self.type == 'hnsw' else ivf)}")
+        ranges = {"m": (2, 100), "ef_construction": (4, 1000), "ef_search": (1, 1000),
+                  "lists": (1, 32768), "probes": (1, 32768)}
+        for f, (lo, hi) in ranges.items():
+            v = getattr(self, f)
+            if v is not None and not lo <= v <= hi:
+                raise ValueError(f"index.{f} = {v} is out of range; pgvector accepts {lo}..{hi}")
+        if self.type == "hnsw" and self.ef_construction_ < 2 * self.m_:
+            raise ValueError(f"index.ef_construction = {self.ef_construction_} must be >= 2 * m = {2 * self.m_}")
+        if self.type == "ivfflat" and self.probes_ > self.lists_:
+            raise ValueError(f"index.probes = {self.probes_} exceeds index.lists = {self.lists_}")
+        return self
+
+    # Effective values (pgvector's defaults when not given).
+    @property
+    def m_(self) -> int:
+        return self.m or 16
+
+    @property
+    def ef_construction_(self) -> int:
+        return self.ef_construction or 64
+
+    @property
+    def ef_search_(self) -> int:
+        return self.ef_search or 40
+
+    @property
+    def lists_(self) -> int:
+        return self.lists or 100
+
+    @property
+    def probes_(self) -> int:
+        return self.probes or 1
+
+
+class VectorStore(_Model):
+    """A pgvector column that is migrated and must keep its retrieval quality."""
+
+    column: Ident = Field(description="the vector column (declared under columns)")
+    dim: int = Field(ge=1, le=16000, description="embedding dimension; must match vector(N) of the column")
+    source_metric: Metric = Field("l2", description="distance the source is queried with: l2, cosine or ip")
+    source_normalized: bool = Field(False, description="source vectors are already unit length")
+    metric: Metric = Field(description="distance the target is queried with: l2, cosine or ip")
+    normalize: bool = Field(False, description="L2-normalise each vector while copying (the declared transform)")
+    index: VectorIndex = Field(default_factory=VectorIndex, description="the target ANN index")
+    source_index: VectorIndex | None = Field(None, description="the source's ANN index (query-time params)")
+    embed_model: str = Field("unknown", description="EMBED_MODEL_VER pinned in the manifest")
+
+    @property
+    def target_normalized(self) -> bool:
+        return self.normalize or self.source_normalized
+
+
+class SearchStore(_Model):
+    """Full-text search: a tsvector column (or an expression over text columns) with a GIN index."""
+
+    column: Ident | None = Field(None, description="tsvector column; None = search an expression over source_columns")
+    source_columns: list[Ident] = Field(default_factory=list,
+                                        description="text columns the tsvector is built from")
+    source_config: Ident = Field("english", description="text-search configuration (analyzer) on the source")
+    config: Ident = Field("english", description="text-search configuration (analyzer) on the target")
+    embedding_column: Ident | None = Field(None, description="vector column used for ΔS of search hits "
+                                                            "(default: the table's vector store)")
+    index_name: Ident | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchStore":
+        if self.column is None and not self.source_columns:
+            raise ValueError("give column (a tsvector column) or source_columns (text columns to search)")
+        if self.source_config != self.config and not self.source_columns:
+            raise ValueError(f"the analyzer changes ({self.source_config} -> {self.config}): list source_columns "
+                             "so the tsvector can be rebuilt with the new configuration")
+        return self
+
+
+class RetrievalSettings(_Model):
+    k: int = Field(10, ge=1, le=1000, description="top-k compared per query")
+    seeds: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, description="λ perturbation seeds")
+    jitter_sigma: float = Field(0.01, ge=0, le=1, description="query jitter, relative to the query vector's norm")
+    overlap_eps: float = Field(1e-3, ge=0, description="distance tolerance of overlap@k (ann-benchmarks style)")
+    recall_queries: int | None = Field(100, ge=0, description="queries also run as exact search; None = all")
+    latency_floor_ms: float = Field(2.0, ge=0, description="p95 slow-downs smaller than this are noise")
+    query_timeout_ms: int = Field(10_000, ge=1)
+    max_queries: int | None = Field(None, ge=1, description="use only the first N gold queries")
+
+
 class TableTarget(_Model):
     schema_: Ident | None = Field(None, alias="schema", description="target schema (default: the source schema)")
     name: Ident | None = Field(None, description="target table name (default: the source name)")
@@ -135,6 +255,8 @@ class Table(_Model):
     columns: list[Column] = Field(min_length=1, description="the contract: every column that is migrated")
     foreign_keys: list[ForeignKey] = Field(default_factory=list)
     target: TableTarget = Field(default_factory=TableTarget)
+    vector: list[VectorStore] = Field(default_factory=list, description="pgvector stores in this table")
+    search: list[SearchStore] = Field(default_factory=list, description="full-text search stores in this table")
 
     @property
     def target_schema(self) -> str:
@@ -164,7 +286,43 @@ class Table(_Model):
             bad = [c for c in ix.columns if c not in names]
             if bad:
                 raise ValueError(f"index column(s) {bad} are not in columns")
+        _check_stores(self, names)
         return self
+
+
+def _check_stores(t: "Table", names: list[str]) -> None:
+    """Stores refer to declared columns of the right types (errors name the field)."""
+    for i, v in enumerate(t.vector):
+        where = f"vector[{i}]"
+        if v.column not in names:
+            raise ValueError(f"{where}.column {v.column!r} is not in columns; declare it under columns")
+        col = t.column(v.column)
+        src_dim, tgt_dim = vector_type_dim(col.type), vector_type_dim(col.tgt_type)
+        if src_dim is None and col.type not in _FLOAT_ARRAY:
+            raise ValueError(f"{where}.column {v.column!r} has type {col.type!r}; a vector store needs "
+                             f"vector({v.dim}) or real[] on the source")
+        if tgt_dim is None:
+            raise ValueError(f"{where}.column {v.column!r} has target type {col.tgt_type!r}; "
+                             f"set target_type: vector({v.dim})")
+        for label, d in (("type", src_dim), ("target type", tgt_dim)):
+            if d is not None and d != v.dim:
+                raise ValueError(f"{where}.dim = {v.dim} but column {v.column!r} {label} is vector({d}); "
+                                 "make them equal")
+        if v.normalize and v.source_normalized:
+            raise ValueError(f"{where}: normalize is true but source_normalized says the vectors are "
+                             "already unit length; drop one")
+    if len({v.column for v in t.vector}) != len(t.vector):
+        raise ValueError("vector: a column is declared as a vector store twice")
+    for i, s in enumerate(t.search):
+        where = f"search[{i}]"
+        for c in [s.column, s.embedding_column, *s.source_columns]:
+            if c is not None and c not in names:
+                raise ValueError(f"{where}: column {c!r} is not in columns; declare it under columns")
+        if s.column is not None and t.column(s.column).tgt_type != "tsvector":
+            raise ValueError(f"{where}.column {s.column!r} has target type {t.column(s.column).tgt_type!r}; "
+                             "a search column must be tsvector")
+        if s.embedding_column is not None and s.embedding_column not in {v.column for v in t.vector}:
+            raise ValueError(f"{where}.embedding_column {s.embedding_column!r} is not a vector store of this table")
 
 
 class Backfill(_Model):
@@ -222,6 +380,16 @@ class Window(_Model):
         return inside and (self.days is None or day.strftime("%a").lower() in self.days)
 
 
+class Capture(_Model):
+    """Change capture (dual writes): source triggers -> change ledger -> idempotent applier."""
+
+    enabled: bool = Field(True, description="capture source writes during the run (off = snapshot-only migration)")
+    batch_ops: int = Field(2_000, ge=1, le=100_000, description="ledger ops applied per target transaction")
+    ddl_lock_timeout_ms: int = Field(5_000, ge=1, description="lock_timeout while creating/dropping the triggers")
+    stop_on_error: bool = Field(False, description="stop draining after a batch with failed ops "
+                                                   "(they are recorded either way; dual_write_fail must be 0)")
+
+
 class MigrationSpec(_Model):
     name: Ident = Field(description="the DAG id is dbguard_<name>")
     description: str = ""
@@ -230,11 +398,15 @@ class MigrationSpec(_Model):
     tables: list[Table] = Field(min_length=1)
     backfill: Backfill = Field(default_factory=Backfill)
     gates: Gates = Field(default_factory=Gates)
+    capture: Capture = Field(default_factory=Capture)
     window: Window | None = None
     schedule: str | None = Field(None, description="cron expression or preset such as '@daily'; null = manual")
     schema_freeze: bool = Field(True, description="block DDL on migrated source tables during the run")
     rollback_ttl_minutes: float = Field(60, gt=0)
     tags: list[str] = Field(default_factory=list)
+    gold: str | None = Field(None, description="gold set (JSONL) for shadow reads; relative paths resolve "
+                                               "against the working directory, then the project root")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
     @property
     def dag_id(self) -> str:
@@ -284,6 +456,9 @@ class MigrationSpec(_Model):
             if not ready:
                 raise ValueError(f"foreign keys form a cycle among {sorted(set(graph) - seen)}; break it")
             seen.update(ready)
+        if any(t.vector or t.search for t in self.tables) and self.gold is None:
+            raise ValueError("gold: a spec with vector or search stores needs a gold set (include/gold/<name>.jsonl) "
+                             "for the retrieval gate")
         return self
 
 

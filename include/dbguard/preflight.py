@@ -1,0 +1,342 @@
+"""Preflight: read-only checks first, every problem collected; then the writes.
+
+validate (reads only): connections, contract (declared columns and types
+exist on the source, keys unique), privileges on both sides with the exact
+GRANT that is missing, connection headroom, target database encoding and
+collation, existing target tables matching the spec.
+apply: create the target database/schemas/tables with explicit encoding,
+collation and types; freeze the source schema (event trigger blocking DDL on
+the migrated tables); open the run in the ledger.
+undo (`release_freeze`): drop the freeze for this run; the event trigger goes
+when no run holds a freeze any more.
+"""
+from __future__ import annotations
+
+import re
+
+import psycopg
+from psycopg import sql
+
+from . import db, ledger
+from .backfill import source_conn, target_conn
+from .errors import ConnectionFailed, PreflightError
+from .spec import Column, MigrationSpec, Table
+from .transforms import is_textlike
+
+_ALIASES = [
+    (r"^int$|^int4$", "integer"), (r"^int8$", "bigint"), (r"^int2$", "smallint"),
+    (r"^float8$|^double$|^float$", "double precision"), (r"^float4$", "real"), (r"^bool$", "boolean"),
+    (r"^decimal", "numeric"), (r"^varchar", "character varying"), (r"^char\b", "character"),
+    (r"^timestamptz", "timestamp with time zone"), (r"^timetz", "time with time zone"),
+    (r"^timestamp(\(\d+\))?$", r"timestamp\1 without time zone"), (r"^time(\(\d+\))?$", r"time\1 without time zone"),
+]
+
+
+def canonical_type(t: str) -> str:
+    """Spell a declared type the way format_type() prints it."""
+    arr = ""
+    while t.endswith("[]"):
+        t, arr = t[:-2], arr + "[]"
+    t = re.sub(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", r"(\1,\2)", t)
+    t = re.sub(r"\s*\(\s*(\d+)\s*\)", r"(\1)", t)
+    for pat, rep in _ALIASES:
+        if re.search(pat, t):
+            t = re.sub(pat, rep, t)
+            break
+    if t == "character":
+        t = "character(1)"
+    return t + arr
+
+
+COLUMNS_Q = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       CASE WHEN a.attcollation <> 0 THEN (SELECT collname FROM pg_collation WHERE oid = a.attcollation) END
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def _columns(conn: psycopg.Connection, schema: str, name: str) -> dict[str, tuple[str, bool, str | None]] | None:
+    fq = f'"{schema}"."{name}"'  # quoted regclass text; both parts are validated identifiers
+    if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
+        return None
+    return {n: (t, nn, coll) for n, t, nn, coll in conn.execute(COLUMNS_Q, (fq,))}
+
+
+def _key_is_unique(conn: psycopg.Connection, table: Table) -> bool:
+    fq = f'"{table.schema_}"."{table.name}"'
+    rows = conn.execute(
+        """SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+           WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL
+           GROUP BY i.indexrelid""", (fq,)).fetchall()
+    return any(sorted(cols) == sorted(table.key) for (cols,) in rows)
+
+
+def _contract(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
+    problems = []
+    for t in spec.tables:
+        where = f"tables[{t.name}]"
+        cols = _columns(conn, t.schema_, t.name)
+        if cols is None:
+            problems.append(f"{where}: source table {t.schema_}.{t.name} does not exist (or is not visible to "
+                            f"this role); fix schema/name in the spec")
+            continue
+        for c in t.columns:
+            if c.name not in cols:
+                problems.append(f"{where}.columns[{c.name}]: no such column on source {t.schema_}.{t.name}; "
+                                f"it has {sorted(cols)}")
+            elif cols[c.name][0] != canonical_type(c.type):
+                problems.append(f"{where}.columns[{c.name}].type: spec says {canonical_type(c.type)!r} but the "
+                                f"source column is {cols[c.name][0]!r}; declare the source type (use target_type "
+                                f"to change it on the target)")
+        if all(k in cols for k in t.key) and not _key_is_unique(conn, t):
+            problems.append(f"{where}.key: {t.key} is not unique on the source (no primary key or unique index "
+                            f"on exactly these columns); ranges and upserts need a unique key")
+    return problems
+
+
+def _grant(privilege: str, obj: str, role: str) -> str:
+    return f"GRANT {privilege} ON {obj} TO {role}"
+
+
+def _source_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
+    problems = []
+    role, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+                                   ).fetchone()
+    for t in spec.tables:
+        fq = f'"{t.schema_}"."{t.name}"'
+        if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
+            continue
+        if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE')", (t.schema_,)).fetchone()[0]:
+            problems.append(f"source: missing privilege: {_grant('USAGE', 'SCHEMA ' + t.schema_, role)};")
+        for priv in ("SELECT", "TRIGGER"):
+            if not conn.execute("SELECT has_table_privilege(%s, %s)", (fq, priv)).fetchone()[0]:
+                problems.append(f"source: missing privilege: {_grant(priv, f'TABLE {t.schema_}.{t.name}', role)}")
+    if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0] and \
+            conn.execute("SELECT to_regnamespace('dbguard')").fetchone()[0] is None:
+        problems.append(f"source: missing privilege: GRANT CREATE ON DATABASE {conn.info.dbname} TO {role} "
+                        f"(dbguard keeps its change ledger and freeze list in schema dbguard)")
+    if spec.schema_freeze and not superuser:
+        problems.append(f"source: schema_freeze needs an event trigger, which only a superuser can create; "
+                        f"run as a superuser or set schema_freeze: false (role {role} is not superuser)")
+    return problems
+
+
+def _target_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
+    problems = []
+    role = conn.execute("SELECT current_user").fetchone()[0]
+    for schema in sorted({t.target_schema for t in spec.tables} | {"dbguard"}):
+        exists = conn.execute("SELECT to_regnamespace(%s)", (f'"{schema}"',)).fetchone()[0] is not None
+        if not exists and not conn.execute(
+                "SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+            problems.append(f"target: missing privilege: GRANT CREATE ON DATABASE {conn.info.dbname} TO {role} "
+                            f"(to create schema {schema}), or create the schema first")
+        elif exists and not conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
+            problems.append(f"target: missing privilege: {_grant('CREATE', 'SCHEMA ' + schema, role)}")
+    for t in spec.tables:
+        fq = f'"{t.target_schema}"."{t.target_name}"'
+        if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
+            continue
+        for priv in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+            if not conn.execute("SELECT has_table_privilege(%s, %s)", (fq, priv)).fetchone()[0]:
+                problems.append(f"target: missing privilege: "
+                                f"{_grant(priv, f'TABLE {t.target_schema}.{t.target_name}', role)}")
+    return problems
+
+
+def _headroom(conn: psycopg.Connection, side: str, needed: int) -> list[str]:
+    max_c, reserved, used = conn.execute(
+        """SELECT current_setting('max_connections')::int,
+                  current_setting('superuser_reserved_connections')::int,
+                  (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')""").fetchone()
+    free = max_c - reserved - used
+    if free < needed:
+        return [f"{side}: connection headroom too small: max_connections {max_c} - reserved {reserved} - in use "
+                f"{used} = {free} free, but the plan needs {needed}; lower backfill.concurrency or raise "
+                f"max_connections"]
+    return []
+
+
+def _target_database(spec: MigrationSpec) -> list[str]:
+    """Encoding/collation of the target database must be what the spec says."""
+    tgt = spec.target
+    try:
+        conn = target_conn(spec)
+    except ConnectionFailed as e:
+        if tgt.database and tgt.create_database and "does not exist" in str(e):
+            return []  # created in apply()
+        raise
+    with conn:
+        enc, coll, ctype = conn.execute(
+            "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
+            "WHERE datname = current_database()").fetchone()
+    problems = []
+    for field, want, got in (("encoding", tgt.encoding, enc), ("collation", tgt.collation, coll),
+                             ("ctype", tgt.ctype, ctype)):
+        if want.replace("-", "").lower() != (got or "").replace("-", "").lower():
+            problems.append(f"target.{field}: the target database has {got!r} but the spec says {want!r}; "
+                            f"create the database with {field} {want!r} (or set create_database: true with a "
+                            f"new database name), or change the spec")
+    return problems
+
+
+def _target_tables(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
+    problems = []
+    for t in spec.tables:
+        cols = _columns(conn, t.target_schema, t.target_name)
+        if cols is None:
+            continue
+        for c in t.columns:
+            if c.name not in cols:
+                problems.append(f"target table {t.target_schema}.{t.target_name} exists but lacks column "
+                                f"{c.name}; drop it or make it match tables[{t.name}]")
+            elif cols[c.name][0] != canonical_type(c.tgt_type):
+                problems.append(f"tables[{t.name}].columns[{c.name}]: the existing target column is "
+                                f"{cols[c.name][0]!r} but the spec says {canonical_type(c.tgt_type)!r}")
+            elif is_textlike(c.tgt_type) and cols[c.name][2] not in (None, "default", _collation(spec, c)):
+                problems.append(f"tables[{t.name}].columns[{c.name}].collation: the existing target column uses "
+                                f"{cols[c.name][2]!r} but the spec says {_collation(spec, c)!r}")
+    return problems
+
+
+def validate(spec: MigrationSpec) -> dict:
+    """Every read-only check; raises PreflightError listing all problems. Writes nothing."""
+    problems: list[str] = []
+    conc = spec.backfill.concurrency
+    with source_conn(spec) as src:
+        problems += _contract(src, spec)
+        problems += _source_privileges(src, spec)
+        problems += _headroom(src, "source", 2 * conc + 2)
+        source_version = src.info.server_version
+    problems += _target_database(spec)
+    try:
+        with target_conn(spec) as tgt:
+            problems += _target_privileges(tgt, spec)
+            problems += _target_tables(tgt, spec)
+            problems += _headroom(tgt, "target", conc + 2)
+            target_version = tgt.info.server_version
+    except ConnectionFailed:
+        if not (spec.target.database and spec.target.create_database):
+            raise
+        target_version = None
+    if problems:
+        raise PreflightError(problems)
+    return {"source_version": source_version, "target_version": target_version}
+
+
+def _collation(spec: MigrationSpec, c: Column) -> str:
+    return c.collation or spec.target.collation
+
+
+def create_table_sql(spec: MigrationSpec, t: Table) -> sql.Composed:
+    cols = []
+    for c in t.columns:
+        parts = [sql.Identifier(c.name), sql.SQL(c.tgt_type)]
+        if is_textlike(c.tgt_type):
+            parts.append(sql.SQL("COLLATE {}").format(sql.Identifier(_collation(spec, c))))
+        if not c.nullable or c.name in t.key:
+            parts.append(sql.SQL("NOT NULL"))
+        cols.append(sql.SQL(" ").join(parts))
+    cols.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, t.key))))
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(db.qname(t.target_schema, t.target_name),
+                                                                sql.SQL(", ").join(cols))
+
+
+def _create_database(spec: MigrationSpec) -> bool:
+    tgt = spec.target
+    if not (tgt.database and tgt.create_database):
+        return False
+    with db.connection(tgt.conn_id, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (tgt.database,)).fetchone():
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING {} LC_COLLATE {} LC_CTYPE {} TEMPLATE template0").format(
+            sql.Identifier(tgt.database), sql.Literal(tgt.encoding), sql.Literal(tgt.collation),
+            sql.Literal(tgt.ctype)))
+    return True
+
+
+FREEZE_FN = """
+CREATE TABLE IF NOT EXISTS dbguard.frozen (
+    migration text NOT NULL, run_id text NOT NULL, relid oid NOT NULL, relname text NOT NULL,
+    PRIMARY KEY (migration, relid)
+);
+CREATE OR REPLACE FUNCTION dbguard.freeze_guard() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE r record; f record;
+BEGIN
+  IF TG_EVENT = 'sql_drop' THEN
+    FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
+      SELECT * INTO f FROM dbguard.frozen WHERE relid = r.objid LIMIT 1;
+      IF FOUND THEN
+        RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
+          f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
+      END IF;
+    END LOOP;
+  ELSE
+    FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+      SELECT * INTO f FROM dbguard.frozen
+       WHERE relid = r.objid OR relid = (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid)
+          OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid AND NOT tgname LIKE 'dbguard%%')
+       LIMIT 1;
+      IF FOUND THEN
+        RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
+          f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
+      END IF;
+    END LOOP;
+  END IF;
+END $$;
+"""
+
+
+def freeze(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[str]:
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.freeze'))")
+    conn.execute("CREATE SCHEMA IF NOT EXISTS dbguard")
+    conn.execute(FREEZE_FN)
+    for ev, name in (("ddl_command_end", "dbguard_freeze_ddl"), ("sql_drop", "dbguard_freeze_drop")):
+        if not conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION dbguard.freeze_guard()").format(
+                sql.Identifier(name), sql.SQL(ev)))
+    frozen = []
+    for t in spec.tables:
+        conn.execute(
+            """INSERT INTO dbguard.frozen (migration, run_id, relid, relname)
+               VALUES (%s, %s, to_regclass(%s), %s)
+               ON CONFLICT (migration, relid) DO UPDATE SET run_id = EXCLUDED.run_id""",
+            (spec.name, run_id, f'"{t.schema_}"."{t.name}"', f"{t.schema_}.{t.name}"))
+        frozen.append(f"{t.schema_}.{t.name}")
+    conn.commit()
+    return frozen
+
+
+def release_freeze(spec: MigrationSpec) -> int:
+    """Undo `freeze` for this migration; safe to call twice or when nothing was frozen."""
+    with source_conn(spec) as conn:
+        if conn.execute("SELECT to_regclass('dbguard.frozen')").fetchone()[0] is None:
+            return 0
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.freeze'))")
+        n = conn.execute("DELETE FROM dbguard.frozen WHERE migration = %s", (spec.name,)).rowcount
+        if not conn.execute("SELECT 1 FROM dbguard.frozen LIMIT 1").fetchone():
+            conn.execute("DROP EVENT TRIGGER IF EXISTS dbguard_freeze_ddl")
+            conn.execute("DROP EVENT TRIGGER IF EXISTS dbguard_freeze_drop")
+        conn.commit()
+        return n
+
+
+def apply(spec: MigrationSpec, run_id: str) -> dict:
+    """The writes, after validate() passed: target database/tables, freeze, ledger run."""
+    created_db = _create_database(spec)
+    with target_conn(spec) as tgt:
+        for schema in sorted({t.target_schema for t in spec.tables}):
+            tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        for t in spec.tables:
+            tgt.execute(create_table_sql(spec, t))
+        tgt.commit()
+        ledger.start_run(tgt, run_id, spec.name, spec.model_dump(mode="json", by_alias=True))
+        problems = _target_tables(tgt, spec)
+    if problems:
+        raise PreflightError(problems)
+    frozen = []
+    if spec.schema_freeze:
+        with source_conn(spec) as src:
+            frozen = freeze(src, spec, run_id)
+    return {"created_database": created_db, "frozen": frozen}
