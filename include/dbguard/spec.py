@@ -8,6 +8,7 @@ never carry SQL; they are still quoted with `psycopg.sql.Identifier` wherever us
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import zoneinfo
 from pathlib import Path
@@ -59,7 +60,25 @@ def _timezone(v: str) -> str:
 
 
 Ident = Annotated[str, AfterValidator(_ident)]
+
+
+def _locale(v: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_.@-]{1,63}$", v):
+        raise ValueError(f"{v!r} is not a valid collation/locale name, e.g. 'C', 'POSIX', 'en_US.UTF-8', 'und-x-icu'")
+    return v
+
+
+LocaleName = Annotated[str, AfterValidator(_locale)]
 SqlType = Annotated[str, AfterValidator(_sql_type)]
+
+
+class _At(ValueError):
+    """A model-level check that knows which field is wrong: `loc` is appended to the
+    model's location, so the error names e.g. tables[orders].key, not tables[orders]."""
+
+    def __init__(self, loc: tuple[Any, ...] | str, msg: str):
+        super().__init__(msg)
+        self.loc = (loc,) if isinstance(loc, str) else tuple(loc)
 
 
 class _Model(BaseModel):
@@ -88,7 +107,7 @@ class TargetEndpoint(Endpoint):
         for name in ("encoding", "collation", "ctype"):
             v = getattr(self, name)
             if not re.match(r"^[A-Za-z0-9_.@-]{1,63}$", v):
-                raise ValueError(f"{name} {v!r} is not a valid encoding/locale name")
+                raise _At(name, f"{v!r} is not a valid encoding/locale name; use e.g. 'UTF8', 'C', 'en_US.UTF-8'")
         return self
 
 
@@ -97,7 +116,7 @@ class Column(_Model):
     type: SqlType = Field(description="type on the source (the contract checks it)")
     target_type: SqlType | None = Field(None, description="type on the target, when it changes")
     nullable: bool = True
-    collation: Ident | None = Field(None, description="target collation of a text column (default target.collation)")
+    collation: LocaleName | None = Field(None, description="target collation of a text column (default target.collation)")
 
     @property
     def tgt_type(self) -> str:
@@ -121,7 +140,8 @@ class ForeignKey(_Model):
     @model_validator(mode="after")
     def _check(self) -> "ForeignKey":
         if len(self.columns) != len(self.ref_columns):
-            raise ValueError("columns and ref_columns must have the same length")
+            raise _At("ref_columns", f"{len(self.ref_columns)} ref_columns for {len(self.columns)} columns; "
+                                     "list one referenced column per foreign key column")
         return self
 
 
@@ -272,20 +292,25 @@ class Table(_Model):
     @model_validator(mode="after")
     def _check(self) -> "Table":
         names = [c.name for c in self.columns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"column(s) {dupes} declared twice")
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise _At(("columns", i), f"column {n!r} is declared twice; keep one declaration")
         missing = [k for k in self.key if k not in names]
         if missing:
-            raise ValueError(f"key column(s) {missing} are not in columns; declare them under columns")
-        for fk in self.foreign_keys:
+            raise _At("key", f"key column(s) {missing} are not in columns; declare them under columns "
+                             "or fix the key")
+        if len(set(self.key)) != len(self.key):
+            raise _At("key", f"key {self.key} names a column twice")
+        for i, fk in enumerate(self.foreign_keys):
             bad = [c for c in fk.columns if c not in names]
             if bad:
-                raise ValueError(f"foreign key column(s) {bad} are not in columns")
-        for ix in self.target.indexes:
+                raise _At(("foreign_keys", i, "columns"),
+                          f"foreign key column(s) {bad} are not in columns; declare them under columns")
+        for i, ix in enumerate(self.target.indexes):
             bad = [c for c in ix.columns if c not in names]
             if bad:
-                raise ValueError(f"index column(s) {bad} are not in columns")
+                raise _At(("target", "indexes", i, "columns"),
+                          f"index column(s) {bad} are not in columns; index only declared columns")
         _check_stores(self, names)
         return self
 
@@ -350,7 +375,8 @@ class Gates(_Model):
     @model_validator(mode="after")
     def _check(self) -> "Gates":
         if self.delta_s_escalate < self.delta_s_max:
-            raise ValueError("delta_s_escalate must be >= delta_s_max")
+            raise _At("delta_s_escalate", f"{self.delta_s_escalate} is below delta_s_max ({self.delta_s_max}); "
+                                          "the escalation threshold must be >= the pass threshold")
         return self
 
 
@@ -364,9 +390,10 @@ class Window(_Model):
     def _check(self) -> "Window":
         for name in ("start", "end"):
             if not _HHMM.match(getattr(self, name)):
-                raise ValueError(f"{name} {getattr(self, name)!r} must be HH:MM (24-hour), e.g. '02:00'")
+                raise _At(name, f"{getattr(self, name)!r} must be HH:MM (24-hour, 00:00..23:59), e.g. '02:00'")
         if self.start == self.end:
-            raise ValueError("start and end are equal: the window would be empty")
+            raise _At("end", "start and end are equal: the window would be empty; "
+                             "for a window past midnight give an end before the start")
         return self
 
     def contains(self, when: dt.datetime) -> bool:
@@ -433,50 +460,111 @@ class MigrationSpec(_Model):
     @model_validator(mode="after")
     def _check(self) -> "MigrationSpec":
         names = [t.name for t in self.tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"table names must be unique, got {names}")
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise _At(("tables", i), f"table {n!r} is listed twice; table names must be unique")
         targets = [(t.target_schema, t.target_name) for t in self.tables]
-        if len(set(targets)) != len(targets):
-            raise ValueError("two tables map to the same target table")
-        for t in self.tables:
-            for fk in t.foreign_keys:
+        for i, tg in enumerate(targets):
+            if tg in targets[:i]:
+                raise _At(("tables", i, "target"), f"maps to target table {'.'.join(tg)}, like an earlier table; "
+                                                   "set target.schema or target.name")
+        for ti, t in enumerate(self.tables):
+            for fi, fk in enumerate(t.foreign_keys):
                 if fk.references not in names:
-                    raise ValueError(
-                        f"table {t.name!r}: foreign key references {fk.references!r}, which is not in tables {names}"
-                    )
+                    raise _At(("tables", ti, "foreign_keys", fi, "references"),
+                              f"{fk.references!r} is not a table of this spec {names}; "
+                              "add that table or drop the foreign key")
                 parent = self.table(fk.references)
                 bad = [c for c in fk.ref_columns if c not in {c.name for c in parent.columns}]
                 if bad:
-                    raise ValueError(f"table {t.name!r}: foreign key ref_columns {bad} are not columns of {parent.name!r}")
+                    raise _At(("tables", ti, "foreign_keys", fi, "ref_columns"),
+                              f"{bad} are not columns of {parent.name!r}")
         # A foreign-key cycle would make the load order undefined.
         graph = {t.name: {fk.references for fk in t.foreign_keys if fk.references != t.name} for t in self.tables}
         seen: set[str] = set()
         while len(seen) < len(graph):
             ready = [n for n, deps in graph.items() if n not in seen and deps <= seen]
             if not ready:
-                raise ValueError(f"foreign keys form a cycle among {sorted(set(graph) - seen)}; break it")
+                raise _At("tables", f"foreign keys form a cycle among {sorted(set(graph) - seen)}; "
+                                    "migrate the cycle's tables without one of its foreign keys")
             seen.update(ready)
         if any(t.vector or t.search for t in self.tables) and self.gold is None:
-            raise ValueError("gold: a spec with vector or search stores needs a gold set (include/gold/<name>.jsonl) "
-                             "for the retrieval gate")
+            raise _At("gold", "a spec with vector or search stores needs a gold set (include/gold/<name>.jsonl) "
+                              "for the retrieval gate")
         return self
 
 
 def _field_path(loc: tuple[Any, ...], raw: Any) -> str:
-    """Turn a pydantic location into 'tables[orders].columns[2].type'."""
+    """Turn a pydantic location into 'tables[orders].columns[amount].type'.
+
+    List items are named by their `name` (or, for stores, their `column`), else by index."""
     parts: list[str] = []
     node = raw
     for item in loc:
         if isinstance(item, int):
             label = str(item)
-            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) and "name" in node[item]:
-                label = str(node[item]["name"])
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                for key in ("name", "column"):
+                    if isinstance(node[item].get(key), (str, int)) and node[item][key] != "":
+                        label = str(node[item][key])
+                        break
             parts[-1:] = [f"{parts[-1] if parts else ''}[{label}]"]
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
             parts.append(str(item))
             node = node.get(item) if isinstance(node, dict) else None
     return ".".join(parts) or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The spec model class found at a location (to suggest field names)."""
+    model: Any = MigrationSpec
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+        field = fields.get(item)
+        if field is None:
+            return None
+        stack, model = [field.annotation], None
+        while stack:
+            t = stack.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+                break
+            stack.extend(getattr(t, "__args__", ()))
+        if model is None:
+            return None
+    return model
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    msg = f"unknown field {loc[-1]!r}"
+    model = _model_at(tuple(x for x in loc[:-1]))
+    if model is not None:
+        known = [f.alias or n for n, f in model.model_fields.items()]
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            return f"{msg}; did you mean {close[0]!r}? (fields here: {', '.join(known)})"
+        return f"{msg}; fields here: {', '.join(known)} (see docs/spec.md)"
+    return f"{msg}; check the spelling against docs/spec.md"
+
+
+def _friendly(err: dict, msg: str) -> str:
+    """Pydantic's built-in messages, reworded to say what to write instead."""
+    ctx, kind, got = err.get("ctx") or {}, err["type"], err.get("input")
+    if kind == "missing":
+        return "required field is missing; add it (see docs/spec.md)"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} item(s), got none; add one"
+    bounds = {"less_than_equal": ("<=", "le"), "less_than": ("<", "lt"),
+              "greater_than_equal": (">=", "ge"), "greater_than": (">", "gt")}
+    if kind in bounds:
+        op, key = bounds[kind]
+        return f"{got!r} is out of range; use a value {op} {ctx.get(key)}"
+    if kind != "value_error" and got is not None and not isinstance(got, (dict, list)):
+        return f"got {got!r}; {msg[:1].lower()}{msg[1:]}"
+    return msg
 
 
 def parse_spec(raw: Any, path: str = "<spec>") -> MigrationSpec:
@@ -489,10 +577,13 @@ def parse_spec(raw: Any, path: str = "<spec>") -> MigrationSpec:
         for err in e.errors():
             loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
             msg = err["msg"].removeprefix("Value error, ")
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _At):
+                loc += cause.loc
             if err["type"] == "extra_forbidden":
-                msg = f"unknown field {loc[-1]!r}; check the spelling against docs/spec.md"
-            elif err["type"] == "missing":
-                msg = "required field is missing"
+                msg = _unknown_field(loc)
+            else:
+                msg = _friendly(err, msg)
             problems.append((_field_path(loc, raw), msg))
         raise SpecError(path, problems) from None
 

@@ -1,0 +1,73 @@
+"""Every checksum trap from peers is caught: the row hash sees real differences
+and only those."""
+import pytest
+
+from dbguard import db
+from dbguard.checksum import checksum
+from util import run, spec
+
+COLS = [{"name": "id", "type": "integer"}, {"name": "a", "type": "text"}, {"name": "b", "type": "text"},
+        {"name": "n", "type": "numeric"}, {"name": "ts", "type": "timestamptz"}]
+TABLE = {"name": "t", "key": ["id"], "columns": COLS}
+DDL = "CREATE TABLE t (id int PRIMARY KEY, a text, b text, n numeric, ts timestamptz)"
+
+
+def sums(dbpair, src_row: str, tgt_row: str):
+    s = spec([TABLE])
+    with dbpair.src() as c:
+        run(c, DDL, f"INSERT INTO t VALUES {src_row}")
+    with dbpair.tgt() as c:
+        run(c, DDL, f"INSERT INTO t VALUES {tgt_row}")
+    with db.connection(s.source.conn_id) as sc, db.connection(s.target.conn_id) as tc:
+        return checksum(sc, s.tables[0], "source"), checksum(tc, s.tables[0], "target")
+
+
+@pytest.mark.parametrize("src_row,tgt_row,why", [
+    ("(1, '12', '3', 1, NULL)", "(1, '1', '23', 1, NULL)", "concatenation collision"),
+    ("(1, '', 'x', 1, NULL)", "(1, NULL, 'x', 1, NULL)", "empty string vs NULL"),
+    ("(1, 'Alice', 'x', 1, NULL)", "(1, 'alice', 'x', 1, NULL)", "case change"),
+    ("(1, '.71', 'x', 1, NULL)", "(1, '0.71', 'x', 1, NULL)", "'.71' vs '0.71' as text is a real difference"),
+    ("(1, 'a', 'b', 1, '2024-01-01 10:00+00')", "(1, 'a', 'b', 1, '2024-01-01 10:00+02')",
+     "same wall clock, different instant"),
+    ("(1, 'a', NULL, 1, NULL)", "(1, 'a', 'NULL', 1, NULL)", "NULL vs the string 'NULL'"),
+    ("(1, 'a,b', NULL, 1, NULL)", "(1, 'a', 'b', 1, NULL)", "separator inside a value"),
+])
+def test_trap_is_a_difference(dbpair, src_row, tgt_row, why):
+    src, tgt = sums(dbpair, src_row, tgt_row)
+    assert src.count == tgt.count == 1
+    assert src.total != tgt.total, why
+
+
+@pytest.mark.parametrize("src_row,tgt_row,why", [
+    ("(1, 'a', 'b', .71, NULL)", "(1, 'a', 'b', 0.71, NULL)", "numeric .71 is 0.71"),
+    ("(1, 'a', 'b', 0.710, NULL)", "(1, 'a', 'b', 0.71, NULL)", "numeric trailing zeros"),
+    ("(1, 'a', 'b', 1, '2024-01-01 12:00+02')", "(1, 'a', 'b', 1, '2024-01-01 10:00+00')",
+     "one instant written in two time zones"),
+])
+def test_equal_values_hash_equal(dbpair, src_row, tgt_row, why):
+    src, tgt = sums(dbpair, src_row, tgt_row)
+    assert src == tgt, why
+
+
+def test_session_time_zone_does_not_change_the_checksum(dbpair):
+    s = spec([TABLE])
+    with dbpair.src() as c:
+        run(c, DDL, "INSERT INTO t SELECT g, 'x', 'y', g / 7.0, now() - g * interval '1 hour' "
+                    "FROM generate_series(1, 500) g")
+    with db.connection(s.source.conn_id) as a, db.connection(s.source.conn_id) as b:
+        b.execute("SET TimeZone = 'Asia/Kathmandu'")
+        b.execute("SET extra_float_digits = 0")
+        assert checksum(a, s.tables[0], "source") == checksum(b, s.tables[0], "source")
+
+
+def test_checksum_is_order_independent_but_sees_one_changed_value(dbpair):
+    s = spec([TABLE])
+    with dbpair.src() as c:
+        run(c, DDL, "INSERT INTO t VALUES (1, 'x', 'y', 1, NULL), (2, 'x', 'y', 1, NULL)")
+    with dbpair.tgt() as c:
+        run(c, DDL, "INSERT INTO t VALUES (2, 'x', 'y', 1, NULL), (1, 'x', 'y', 1, NULL)")
+    with db.connection("dbguard_source") as sc, db.connection("dbguard_target") as tc:
+        a, b = checksum(sc, s.tables[0], "source"), checksum(tc, s.tables[0], "target")
+        assert a == b and a.count == 2
+        tc.execute("UPDATE t SET b = 'z' WHERE id = 2")
+        assert checksum(tc, s.tables[0], "target") != a
