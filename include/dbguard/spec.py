@@ -260,6 +260,8 @@ class RetrievalSettings(_Model):
     latency_floor_ms: float = Field(2.0, ge=0, description="p95 slow-downs smaller than this are noise")
     query_timeout_ms: int = Field(10_000, ge=1)
     max_queries: int | None = Field(None, ge=1, description="use only the first N gold queries")
+    gate_timeout_minutes: float = Field(60, gt=0, description="the retrieval gate fails when it has not passed "
+                                                             "this long after its first poke")
 
 
 class TableTarget(_Model):
@@ -556,7 +558,7 @@ def _friendly(err: dict, msg: str) -> str:
     if kind == "missing":
         return "required field is missing; add it (see docs/spec.md)"
     if kind == "too_short":
-        return f"needs at least {ctx.get('min_length')} item(s), got none; add one"
+        return f"needs at least {ctx.get('min_length')} item(s), got {ctx.get('actual_length', 0)}; add more"
     bounds = {"less_than_equal": ("<=", "le"), "less_than": ("<", "lt"),
               "greater_than_equal": (">=", "ge"), "greater_than": (">", "gt")}
     if kind in bounds:

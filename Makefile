@@ -1,0 +1,79 @@
+# dbguard: every target sets itself up on a fresh clone (no stdin, CI=true is fine).
+#   make demo     migrate the demo shop between two embedded PostgreSQL servers
+#   make test     the test suite (real PostgreSQL, real DAG runs)
+#   make bench    benchmarks (JSON lines with speed ratios)
+#   make airflow  Airflow UI (airflow standalone) wired to the embedded servers
+#   make clean    stop the embedded servers, remove .pg/ .airflow/ and caches
+#   make distclean  clean + remove .venv/
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VENV_STAMP := $(VENV)/.installed
+AIRFLOW_STAMP := .airflow/.migrated
+
+# Exported to every recipe (and so to pytest, dbguard and airflow).
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+.PHONY: help demo test bench airflow clean distclean
+
+help:
+	@sed -n '2,7s/^#//p' $(firstword $(MAKEFILE_LIST))
+
+# The virtualenv: pinned requirements, then the package itself (editable, no deps).
+$(VENV_STAMP): requirements.txt pyproject.toml
+	@echo "==> creating $(VENV) and installing requirements (about a minute on a fresh machine)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@touch $@
+
+# Airflow's metadata database (SQLite under .airflow/), needed by dag.test() and the UI.
+$(AIRFLOW_STAMP): $(VENV_STAMP)
+	@echo "==> airflow db migrate (AIRFLOW_HOME=$(AIRFLOW_HOME))"
+	@mkdir -p $(AIRFLOW_HOME)
+	@$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 \
+		|| { cat $(AIRFLOW_HOME)/migrate.log; echo "airflow db migrate failed (log: $(AIRFLOW_HOME)/migrate.log)"; exit 1; }
+	@touch $@
+
+demo: $(VENV_STAMP) $(AIRFLOW_STAMP)
+	$(BIN)/dbguard demo
+
+test: $(VENV_STAMP) $(AIRFLOW_STAMP)
+	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning
+
+bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
+	$(BIN)/python -m bench
+
+# `dbguard embedded` starts the two embedded servers and prints
+# `export AIRFLOW_CONN_DBGUARD_SOURCE=...` lines for them.
+airflow: $(VENV_STAMP) $(AIRFLOW_STAMP)
+	conns="$$($(BIN)/dbguard embedded)"; eval "$$conns"; \
+	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	exec $(BIN)/airflow standalone
+
+# The embedded servers keep running between commands; stop each one (fast
+# shutdown of its own postmaster, found in postmaster.pid) before deleting its data.
+clean:
+	@for pid_file in .pg/*/postmaster.pid; do \
+		[ -f "$$pid_file" ] || continue; \
+		pid=$$(head -n 1 "$$pid_file"); \
+		echo "stopping embedded server $${pid_file%/postmaster.pid} (pid $$pid)"; \
+		kill -INT "$$pid" 2>/dev/null || true; \
+		for _ in $$(seq 50); do [ -f "$$pid_file" ] || break; sleep 0.1; done; \
+	done
+	rm -rf .pg .airflow reports bench/out .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) include/*.egg-info
