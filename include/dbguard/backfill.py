@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import db
+from .capture import fence_copy
 from .checksum import Checksum, checksum, relation
 from .ranges import KeyRange, predicate
 from .spec import MigrationSpec, Table
@@ -57,6 +58,12 @@ def target_conn(spec: MigrationSpec, **kw) -> psycopg.Connection:
 
 def source_conn(spec: MigrationSpec, **kw) -> psycopg.Connection:
     return db.connect(spec.source.conn_id, **kw)
+
+
+def fence(tgt: psycopg.Connection, spec: MigrationSpec) -> None:
+    """With capture on, no drain batch may commit between a copy's source snapshot and its commit."""
+    if spec.capture.enabled:
+        fence_copy(tgt, spec)
 
 
 def copy_format(spec: MigrationSpec, table: Table) -> str:
@@ -179,6 +186,7 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
     table = spec.table(r.table)
     t0 = time.monotonic()
     with source_conn(spec) as src, target_conn(spec) as tgt:
+        fence(tgt, spec)
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot, source_rev = src.execute(
             "SELECT pg_export_snapshot(), pg_current_snapshot()::text").fetchone()

@@ -264,6 +264,8 @@ CREATE TABLE IF NOT EXISTS dbguard.frozen (
 CREATE OR REPLACE FUNCTION dbguard.freeze_guard() RETURNS event_trigger LANGUAGE plpgsql AS $$
 DECLARE r record; f record;
 BEGIN
+  -- dbguard's own DDL (capture triggers) sets this for its transaction only.
+  IF current_setting('dbguard.allow_ddl', true) = 'on' THEN RETURN; END IF;
   IF TG_EVENT = 'sql_drop' THEN
     FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
       SELECT * INTO f FROM dbguard.frozen WHERE relid = r.objid LIMIT 1;
@@ -276,7 +278,7 @@ BEGIN
     FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
       SELECT * INTO f FROM dbguard.frozen
        WHERE relid = r.objid OR relid = (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid)
-          OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid AND NOT tgname LIKE 'dbguard%%')
+          OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid)
        LIMIT 1;
       IF FOUND THEN
         RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .backfill import Throttle, copy_format, orphan_count, source_conn, stream_rows, target_conn
+from .backfill import Throttle, copy_format, fence, orphan_count, source_conn, stream_rows, target_conn
 from .checksum import Checksum, checksum, relation, row_hash
 from .ranges import KeyRange, key_text, order_by, plan, predicate
 from .spec import MigrationSpec, Table
@@ -115,6 +115,7 @@ def repair(spec: MigrationSpec, table: Table, diff: RowDiff, batch: int = 5_000)
     keys = diff.missing + diff.extra + diff.changed
     copied = 0
     with source_conn(spec) as src, target_conn(spec) as tgt:
+        fence(tgt, spec)
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         for i in range(0, len(keys), batch):
             part = keys[i:i + batch]
