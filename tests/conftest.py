@@ -67,3 +67,32 @@ def dbpair(servers, monkeypatch) -> DbPair:
     yield DbPair("dbguard_source", "dbguard_target", src_dsn, tgt_dsn)
     _drop_db(servers["source"], name)
     _drop_db(servers["target"], name)
+
+
+# ---- Airflow (added for test_dag / test_cli) -------------------------------------------
+# Airflow reads AIRFLOW_HOME & co. at its first import, so they are set here, before any test
+# module imports it: the Makefile's values when present, else a throwaway home for this session.
+import tempfile  # noqa: E402
+
+from dbguard.airflow import env as airflow_env  # noqa: E402
+
+# (only a path here: the directory appears when a test asks for `airflow_db`)
+_AIRFLOW_TMP_HOME = None if os.environ.get("AIRFLOW_HOME") else os.path.join(
+    tempfile.gettempdir(), f"dbguard-airflow-{os.getpid()}")
+airflow_env.airflow_defaults(Path(_AIRFLOW_TMP_HOME) if _AIRFLOW_TMP_HOME else None)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (`airflow db migrate` once, ~3 s); returns AIRFLOW_HOME."""
+    airflow_env.ensure_metadata_db()
+    yield os.environ["AIRFLOW_HOME"]
+    # Airflow's log handlers write to pytest's capture stream, closed by the time pgserver's
+    # exit handler logs; drop such logging errors instead of printing tracebacks.
+    import logging
+
+    logging.raiseExceptions = False
+    if _AIRFLOW_TMP_HOME:
+        import shutil
+
+        shutil.rmtree(_AIRFLOW_TMP_HOME, ignore_errors=True)

@@ -28,7 +28,11 @@ _STATUS = ["placed", "paid", "shipped", "delivered", "cancelled", "refunded"]
 class BackgroundWriter:
     def __init__(self, dsn: str, *, seed: int = 7, rate: float | None = 300, schema: str = "shop",
                  id_base: int = 900_000_000, weights: dict[str, int] | None = None, sample: int = 5000,
-                 max_ops: int | None = None, synchronous_commit: str = "off"):
+                 max_ops: int | None = None, synchronous_commit: str = "off", honour_flag: str | None = None):
+        # honour_flag=<migration>: like an application that dual-writes through dbguard's switch, each
+        # operation first reads dbguard.control FOR SHARE in its own transaction and the writer stops
+        # for good once dual_write is false (the run ended; writes go elsewhere now).
+        self.honour_flag = honour_flag
         # synchronous_commit=off: commits do not wait for the WAL flush, so the rate measures the
         # database work (and capture's share of it), not the disk's fsync latency.
         self.max_ops, self.synchronous_commit = max_ops, synchronous_commit
@@ -84,6 +88,13 @@ class BackgroundWriter:
         return {"ops": self.ops, "seconds": round(secs, 3), "ops_per_second": round(self.ops / secs, 1) if secs else None,
                 "by_kind": dict(self.counts), "errors": len(self.errors), "first_error": self.errors[:1]}
 
+    def _may_write(self) -> bool:
+        if self._conn.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is None:
+            return True  # capture not set up yet: plain writes
+        row = self._conn.execute("SELECT dual_write FROM dbguard.control WHERE migration = %s FOR SHARE",
+                                 (self.honour_flag,)).fetchone()
+        return row is None or row[0]
+
     # -- state ------------------------------------------------------------------------------------
     def _load_ids(self) -> None:
         self.customers = [r[0] for r in self._x("SELECT id FROM {c} ORDER BY id LIMIT %s", (self.sample,)).fetchall()]
@@ -104,8 +115,12 @@ class BackgroundWriter:
         while not self._stop.is_set():
             kind = rng.choices(kinds, weights)[0]
             try:
-                if getattr(self, "_" + kind)(rng):
-                    self.counts[kind] += 1
+                with self._conn.transaction():
+                    if self.honour_flag and not self._may_write():
+                        self.stopped = time.monotonic()
+                        return
+                    if getattr(self, "_" + kind)(rng):
+                        self.counts[kind] += 1
             except psycopg.Error as e:
                 self.errors.append(f"{kind}: {e}")
                 if len(self.errors) > 100:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable
 
 import psycopg
@@ -359,10 +360,12 @@ def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return out
 
 
-def capture_off(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Drop triggers and functions (the ledger and control rows stay); idempotent, safe on abort."""
+def capture_off(spec: MigrationSpec, run_id: str, *, conn: psycopg.Connection | None = None) -> dict[str, Any]:
+    """Drop triggers and functions (the ledger and control rows stay); idempotent, safe on abort.
+
+    With `conn` (e.g. inside `quiesced`), works in the caller's transaction and leaves the commit to it."""
     dropped = []
-    with _src(spec) as src:
+    with nullcontext(conn) if conn is not None else _src(spec) as src:
         try:
             _ddl_session(src, spec)
             # CASCADE removes the triggers that use each function, also on tables renamed since.
@@ -376,7 +379,8 @@ def capture_off(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
             if src.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
                 src.execute("UPDATE dbguard.control SET dual_write = false, updated_at = clock_timestamp() "
                             "WHERE migration = %s", (spec.name,))
-            src.commit()
+            if conn is None:
+                src.commit()
         except psycopg.errors.LockNotAvailable as e:
             raise CaptureError(f"capture_off: could not lock a source table within "
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
@@ -761,3 +765,45 @@ def drift(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
                             "row_diff": None if tgt_counts[t.name] is None else src_counts[t.name] - tgt_counts[t.name],
                             "captured_ops": per_table_ops.get(t.name, 0)} for t in spec.tables},
     }
+
+
+def is_on(spec: MigrationSpec) -> bool:
+    """Are this migration's capture triggers installed on the source?"""
+    with _src(spec) as src:
+        return src.execute("SELECT to_regprocedure(%s) IS NOT NULL",
+                           (f"{SCHEMA}.{function_name(spec, spec.tables[0])}()",)).fetchone()[0]
+
+
+@contextmanager
+def quiesced(spec: MigrationSpec, run_id: str, *, timeout_s: float = 60):
+    """Briefly freeze source writes on the migrated tables and drain the ledger to zero lag.
+
+    Holds SHARE locks on the migrated tables (writers wait, readers do not) and an EXCLUSIVE lock
+    on the control table (applications that read the flags FOR SHARE wait too) until the block
+    ends; then commits. Yields (source connection, info); info["freeze_ms"] is set on exit.
+    """
+    info: dict[str, Any] = {"drained": 0}
+    with _src(spec) as src:
+        src.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{spec.capture.ddl_lock_timeout_ms}ms")))
+        t0 = time.monotonic()
+        try:
+            if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
+                src.execute("LOCK TABLE dbguard.control IN EXCLUSIVE MODE")
+            for t in spec.tables:
+                src.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(_source_rel(t)))
+        except psycopg.errors.LockNotAvailable as e:
+            raise CaptureError(f"could not freeze writes within capture.ddl_lock_timeout_ms="
+                               f"{spec.capture.ddl_lock_timeout_ms} ({e.diag.message_primary}); a long "
+                               "transaction holds a migrated table; retry") from None
+        while True:
+            d = drain(spec, run_id)
+            info["drained"] += d["applied"]
+            info["dual_write_fail"] = d["dual_write_fail"]
+            if d["lag"] == 0:
+                break
+            if time.monotonic() - t0 > timeout_s:
+                raise CaptureError(f"the change ledger did not drain to zero within {timeout_s:.0f} s of the "
+                                   f"write freeze (lag {d['lag']}); an open transaction may hold changes")
+        yield src, info
+        src.commit()
+        info["freeze_ms"] = round((time.monotonic() - t0) * 1000, 1)

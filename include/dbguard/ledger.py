@@ -99,9 +99,12 @@ def start_run(conn: psycopg.Connection, run_id: str, migration: str, spec: dict 
     conn.commit()
 
 
-def finish_run(conn: psycopg.Connection, run_id: str, status: str) -> None:
-    conn.execute("UPDATE dbguard.runs SET status = %s, finished_at = clock_timestamp() WHERE run_id = %s",
-                 (status, run_id))
+def finish_run(conn: psycopg.Connection, run_id: str, migration: str, status: str) -> None:
+    """Close the run; a run that failed before start_run (e.g. in preflight) gets its row here."""
+    conn.execute(
+        """INSERT INTO dbguard.runs (run_id, migration, status, finished_at) VALUES (%s, %s, %s, clock_timestamp())
+           ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at""",
+        (run_id, migration, status))
     conn.commit()
 
 

@@ -156,7 +156,12 @@ def reconcile_table(spec: MigrationSpec, run_id: str, table: Table) -> dict:
             rounds.append(round_)
             if attempt == spec.gates.repair_attempts or diff.total > spec.gates.max_repair_rows:
                 break
-            round_["repaired"] = repair(spec, table, diff)
+            try:
+                round_["repaired"] = repair(spec, table, diff)
+            except psycopg.Error as e:  # the target refuses source rows: a real difference, reported
+                round_["repair_error"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                src_ck, tgt_ck = sides.checksums(table, None)
+                break
         orphans = orphan_count(sides.tgt, spec, table, None)
     finally:
         sides.close()

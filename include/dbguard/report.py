@@ -1,6 +1,6 @@
 """The run report: one JSON file and one self-contained HTML page per run.
 
-Written to $DBGUARD_REPORT_DIR (default ./reports)/<dag_id>/<run_id>.{json,html}.
+Written to $DBGUARD_REPORT_DIR (default <project>/reports)/<dag_id>/<run_id>.{json,html}.
 Everything comes from the ledger, so a report can be rebuilt at any time.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from .spec import MigrationSpec
 
 
 def report_dir() -> Path:
-    return Path(os.environ.get("DBGUARD_REPORT_DIR", Path.cwd() / "reports"))
+    """$DBGUARD_REPORT_DIR, else reports/ in the project root (where the UI plugin looks too)."""
+    return Path(os.environ.get("DBGUARD_REPORT_DIR", Path(__file__).resolve().parents[2] / "reports"))
 
 
 def _safe(name: str) -> str:
@@ -54,7 +55,7 @@ def write(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, result: di
     out = report_dir() / spec.dag_id
     out.mkdir(parents=True, exist_ok=True)
     base = out / _safe(run_id)
-    base.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str))
+    Path(f"{base}.json").write_text(json.dumps(data, indent=2, default=str))
     esc = lambda v: html.escape(json.dumps(v, default=str) if not isinstance(v, str) else v)  # noqa: E731
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in result.items())
     metric_rows = "".join(f"<tr><th>{esc(k)}</th><td><pre>{esc(v)}</pre></td></tr>"
@@ -72,6 +73,6 @@ vertical-align:top}}table{{border-collapse:collapse;margin-bottom:1.5em}}pre{{ma
 <h2>Metrics</h2><table>{metric_rows}</table>
 <h2>Ranges</h2><table><tr>{head}</tr>{range_rows}</table>
 <h2>Events</h2><table>{events}</table>"""
-    path = base.with_suffix(".html")
+    path = Path(f"{base}.html")
     path.write_text(page)
     return path

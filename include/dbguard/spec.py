@@ -325,7 +325,7 @@ def _check_stores(t: "Table", names: list[str]) -> None:
             raise ValueError(f"{where}.column {v.column!r} is not in columns; declare it under columns")
         col = t.column(v.column)
         src_dim, tgt_dim = vector_type_dim(col.type), vector_type_dim(col.tgt_type)
-        if src_dim is None and col.type not in _FLOAT_ARRAY:
+        if src_dim is None and col.type not in _FLOAT_ARRAY and col.type != "vector":
             raise ValueError(f"{where}.column {v.column!r} has type {col.type!r}; a vector store needs "
                              f"vector({v.dim}) or real[] on the source")
         if tgt_dim is None:
@@ -367,7 +367,8 @@ class Gates(_Model):
     max_repair_rows: int = Field(100_000, ge=0, description="above this many differing rows, fail instead of repairing")
     bisect_leaf_rows: int = Field(2_000, ge=10, description="ranges this small are compared row by row")
     checksum_timeout_minutes: float = Field(30, gt=0)
-    max_lag_ops: int = Field(0, ge=0, description="drain gate: unapplied change ops allowed")
+    max_lag_ops: int = Field(1_000, ge=0, description="drain gate: unapplied change ops allowed after a drain pass "
+                                                       "(the final verification drains to 0 under a write freeze)")
     delta_s_max: float = Field(0.02, ge=0, le=2)
     delta_s_escalate: float = Field(0.05, ge=0, le=2)
     escalate_after_minutes: float = Field(15, ge=0)

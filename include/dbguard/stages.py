@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ledger, preflight as pf, report
+from . import capture, db, ledger, preflight as pf, report
 from .backfill import copy_range as _copy_range, source_conn, target_conn
 from .errors import GateFailed
 from .ranges import KeyRange, plan
@@ -32,6 +32,32 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     return out
 
 
+def _capturing(spec: MigrationSpec) -> bool:
+    return spec.capture.enabled and capture.is_on(spec)
+
+
+def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """Dual writes on: source triggers write every change to the ledger from now on."""
+    return capture.capture_on(spec, run_id)
+
+
+def drain_gate(spec: MigrationSpec, run_id: str) -> tuple[bool | None, str]:
+    """Apply captured changes; pass when the lag is within gates.max_lag_ops, poke again while it is
+    not, fail at once when an op could not be applied (dual_write_fail > 0)."""
+    d = capture.drain(spec, run_id)
+    if d["dual_write_fail"]:
+        return False, _dual_write_failures(spec, run_id)
+    msg = f"applied {d['applied']} change(s) at {d.get('rows_per_second') or 0:.0f}/s; lag {d['lag']} op(s)"
+    return (True if d["lag"] <= spec.gates.max_lag_ops else None), msg
+
+
+def _dual_write_failures(spec: MigrationSpec, run_id: str) -> str:
+    n, op_ids = capture.dual_write_fail(spec, run_id)
+    errors = "; ".join(f"op {f['op_id']} ({f.get('table_name')}): {f.get('error')}"
+                       for f in capture.failures(spec, run_id)[:10])
+    return f"dual_write_fail = {n}: op_ids {op_ids[:50]}; {errors}"
+
+
 def plan_ranges(spec: MigrationSpec, run_id: str, table: str, *, batch_rows: int | None = None) -> list[dict]:
     """Key ranges for one table, read from the source only: [{"table", "range_id", "lo", "hi", "label", "planned"}]."""
     t = spec.table(table)
@@ -50,20 +76,35 @@ def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]
     return res.to_dict()
 
 
-def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Whole-table count+checksum, bisection, repair, re-verify, table by table."""
+def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, Any]:
     tables = {t.name: reconcile_table(spec, run_id, t) for t in spec.table_order()}
     ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
     migrated = sum(r["target"]["count"] for r in tables.values())
     with target_conn(spec) as tgt:
-        ledger.set_metric(tgt, run_id, spec.name, "reconcile", tables, commit=False)
+        ledger.set_metric(tgt, run_id, spec.name, metric, tables, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "checksum_ok", ok, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "migrated_rows", migrated, commit=False)
-        ledger.event(tgt, run_id, spec.name, "reconcile", {"checksum_ok": ok, "migrated_rows": migrated})
+        ledger.event(tgt, run_id, spec.name, metric, {"checksum_ok": ok, "migrated_rows": migrated})
     return {"checksum_ok": ok, "migrated_rows": migrated, "tables": tables}
 
 
-def checksum_problems(spec: MigrationSpec, run_id: str) -> list[str]:
+def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """Whole-table count+checksum, bisection, repair, re-verify, table by table."""
+    if _capturing(spec):
+        capture.drain(spec, run_id)  # what the application wrote meanwhile is not a difference
+    return _reconcile_all(spec, run_id, "reconcile")
+
+
+def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """With dual writes on: freeze source writes briefly, drain to zero lag, reconcile whole tables.
+    Under a live writer only this comparison is exact; it overrides the earlier reconcile verdict."""
+    with capture.quiesced(spec, run_id) as (_, info):
+        out = _reconcile_all(spec, run_id, "final_verify")
+    _event(spec, run_id, "write_freeze", {"stage": "final_verify", **info})
+    return {**out, **info}
+
+
+def checksum_problems(spec: MigrationSpec, run_id: str, *, completeness_only: bool = False) -> list[str]:
     """Every reason the checksum gate must not pass; empty when it may."""
     with target_conn(spec) as tgt:
         m = ledger.metrics(tgt, run_id)
@@ -71,31 +112,39 @@ def checksum_problems(spec: MigrationSpec, run_id: str) -> list[str]:
             "SELECT table_name, count(*) FROM dbguard.ranges WHERE run_id = %s AND status <> 'planned' "
             "GROUP BY table_name", (run_id,)).fetchall())
     problems = []
-    rec = m.get("reconcile") or {}
+    rec = {**(m.get("reconcile") or {}), **(m.get("final_verify") or {})}
+    if m.get("dual_write_fail"):
+        problems.append(_dual_write_failures(spec, run_id))
     for t in spec.tables:
         planned = m.get(f"planned_ranges.{t.name}")
         if planned is None or copied.get(t.name, 0) < planned:
             problems.append(f"{t.name}: backfill incomplete: {copied.get(t.name, 0)} of "
                             f"{planned if planned is not None else '?'} planned ranges copied")
+        if completeness_only:
+            continue
         r = rec.get(t.name)
         if r is None:
             problems.append(f"{t.name}: not reconciled yet")
             continue
         if not r["equal"]:
-            last = r["rounds"][-1] if r["rounds"] else {}
+            last = r["rounds"][-1] if r.get("rounds") else {}
             problems.append(
                 f"{t.name}: source {r['source']['count']} rows (sum {r['source']['sum']}) != target "
                 f"{r['target']['count']} rows (sum {r['target']['sum']}); missing {last.get('missing')}, "
                 f"extra {last.get('extra')}, changed {last.get('changed')} in ranges {last.get('ranges')}; "
                 f"e.g. keys missing {last.get('missing_keys')}, extra {last.get('extra_keys')}, "
-                f"changed {last.get('changed_keys')}")
-        if r["orphans"]:
+                f"changed {last.get('changed_keys')}"
+                + (f"; repair failed: {last['repair_error']}" if last.get("repair_error") else ""))
+        if r.get("orphans"):
             problems.append(f"{t.name}: {r['orphans']} rows in the target reference a missing parent row")
     return problems
 
 
 def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
-    """(passed, message): passes only at 100 % completeness and equal checksums."""
+    """(passed, message): passes only at 100 % completeness and equal checksums (verified under a
+    brief write freeze when dual writes are on)."""
+    if _capturing(spec) and not checksum_problems(spec, run_id, completeness_only=True):
+        final_verify(spec, run_id)
     problems = checksum_problems(spec, run_id)
     if problems:
         return False, "checksum gate failed:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -110,15 +159,56 @@ def require_checksum_gate(spec: MigrationSpec, run_id: str) -> str:
 
 
 def release(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Undo run-scoped holds on the source (schema freeze); safe to call twice."""
-    return {"unfrozen": pf.release_freeze(spec)}
+    """Undo run-scoped holds on the source: apply the last captured changes and drop capture under a
+    brief write freeze (so no write falls between), then lift the schema freeze. Safe to call twice."""
+    out: dict[str, Any] = {}
+    if _capturing(spec):
+        with capture.quiesced(spec, run_id) as (src, info):
+            out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
+        out["final_drain"] = info
+        _event(spec, run_id, "write_freeze", {"stage": "release", **info})
+    out["unfrozen"] = pf.release_freeze(spec)
+    return out
+
+
+def latest_run(spec: MigrationSpec) -> str | None:
+    with target_conn(spec) as tgt:
+        if tgt.execute("SELECT to_regclass('dbguard.runs')").fetchone()[0] is None:
+            return None
+        row = tgt.execute("SELECT run_id FROM dbguard.runs WHERE migration = %s ORDER BY started_at DESC LIMIT 1",
+                          (spec.name,)).fetchone()
+    return row[0] if row else None
+
+
+def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: bool = False) -> dict[str, Any]:
+    """Abort a run and leave the source as it was: last drain + capture off, schema freeze lifted,
+    the run marked rolled_back. With drop_target, the migrated target tables are dropped too (the
+    ledger stays). The source is never written to, so nothing there needs undoing."""
+    run_id = run_id or latest_run(spec) or "rollback"
+    out = release(spec, run_id)
+    if drop_target:
+        from psycopg import sql
+
+        with target_conn(spec) as tgt:
+            for t in spec.tables:
+                tgt.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(db.qname(t.target_schema, t.target_name)))
+            tgt.commit()
+        out["dropped"] = [f"{t.target_schema}.{t.target_name}" for t in spec.tables]
+    with target_conn(spec) as tgt:
+        ledger.ensure(tgt)
+        ledger.finish_run(tgt, run_id, spec.name, "rolled_back")
+        ledger.event(tgt, run_id, spec.name, "rollback", out)
+    return {"run_id": run_id, **out}
 
 
 def finalize(spec: MigrationSpec, run_id: str, status: str) -> dict[str, Any]:
-    """Write the report, close the run in the ledger, return the result dict (ledger.RESULT_KEYS)."""
+    """Write the report, close the run in the ledger, return the result dict (ledger.RESULT_KEYS).
+    A dry run writes nothing: its result only says so."""
+    if status == "dry_run":
+        return {"migration": spec.name, "status": status, **{k: None for k in ledger.RESULT_KEYS[2:]}}
     with target_conn(spec) as tgt:
         ledger.ensure(tgt)
-        ledger.finish_run(tgt, run_id, status)
+        ledger.finish_run(tgt, run_id, spec.name, status)
         m = ledger.metrics(tgt, run_id)
         values = {"migration": spec.name, "status": status, **{k: m.get(k) for k in ledger.RESULT_KEYS[2:]}}
         values["report"] = str(report.write(spec, run_id, tgt, values))

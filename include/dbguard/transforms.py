@@ -40,11 +40,26 @@ def is_textlike(type_: str) -> bool:
 
 def source_expr(table: Table, column: Column) -> sql.Composable:
     """The expression the copy selects on the source for this column."""
+    from .stores import search, vector  # store transforms: L2 normalisation, analyzer change
+
+    if (vs := vector.store_for(table, column.name)) is not None:
+        return vector.source_expr(table, vs)
+    if (ss := search.store_for(table, column.name)) is not None:
+        return search.source_expr(table, ss)
     return sql.Identifier(column.name)
 
 
-def checksum_expr(table: Table, column: Column, side: str) -> sql.Composable:
-    """The canonical expression hashed for this column on `side` ('source' or 'target')."""
+def checksum_expr(table: Table, column: Column, side: str, tolerance: float = 1e-6) -> sql.Composable:
+    """The canonical expression hashed for this column on `side` ('source' or 'target').
+
+    `tolerance` (the spec's gates.float_tolerance) rounds vector components after the transform.
+    """
+    from .stores import search, vector
+
+    if (vs := vector.store_for(table, column.name)) is not None:
+        return vector.checksum_expr(table, vs, side, tolerance)
+    if (ss := search.store_for(table, column.name)) is not None and search.transforms_column(ss):
+        return search.checksum_expr(table, ss, side)
     if side == "source":
         expr: sql.Composable = source_expr(table, column)
         if column.tgt_type != column.type:

@@ -1,0 +1,115 @@
+"""Thin operators: each loads the spec, calls one `dbguard.stages` function, returns its JSON value.
+
+The run id is Airflow's `run_id`, so the ledger and the grid speak of the same run.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow.sdk import BaseOperator, SkipMixin
+from airflow.sdk.exceptions import AirflowFailException
+
+from .. import ledger, stages
+from . import env
+
+FAILED_STATES = {"failed", "upstream_failed"}
+
+
+def run_status(states: dict[str, str | None], *, dry_run: bool = False) -> str:
+    """'failed' when any task failed (or could not run because one did), else 'success' ('dry_run')."""
+    if any(s in FAILED_STATES for s in states.values()):
+        return "failed"
+    return "dry_run" if dry_run else "success"
+
+
+class StageOperator(BaseOperator):
+    """Base: knows the spec path; subclasses call one stage."""
+
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_path = spec_path
+
+    def spec(self):
+        env.install_resolver()
+        return env.spec_at(self.spec_path)
+
+
+class PreflightOperator(StageOperator, SkipMixin):
+    """Read-only checks, then target creation and schema freeze. With Param dry_run: checks only, then
+    every later stage is skipped (release and finalize still run)."""
+
+    def execute(self, context):
+        dry_run = bool(context["params"].get("dry_run"))
+        result = stages.preflight(self.spec(), context["run_id"], dry_run=dry_run)
+        if dry_run:
+            context["ti"].xcom_push(key="return_value", value=result)
+            self.log.info("dry run: preflight checks done, skipping every later stage")
+            self.skip(ti=context["ti"], tasks=self.get_direct_relatives(upstream=False))
+        return result
+
+
+class CaptureOnOperator(StageOperator):
+    def execute(self, context):
+        return stages.capture_on(self.spec(), context["run_id"])
+
+
+class PlanRangesOperator(StageOperator):
+    def __init__(self, *, table: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.table = table
+
+    def execute(self, context):
+        batch_rows = context["params"].get("batch_rows")
+        return stages.plan_ranges(self.spec(), context["run_id"], self.table,
+                                  batch_rows=int(batch_rows) if batch_rows else None)
+
+
+class CopyRangeOperator(StageOperator):
+    """One key range; mapped over plan_ranges' output (map_index_template shows its label)."""
+
+    def __init__(self, *, krange: dict, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.krange = krange
+
+    def execute(self, context):
+        return stages.copy_range(self.spec(), context["run_id"], self.krange)
+
+
+class ReconcileOperator(StageOperator):
+    def execute(self, context):
+        return stages.reconcile(self.spec(), context["run_id"])
+
+
+class ReleaseOperator(StageOperator):
+    """Undo run-scoped holds (capture triggers after a last drain, schema freeze); runs whatever happened."""
+
+    def execute(self, context):
+        return stages.release(self.spec(), context["run_id"])
+
+
+class FinalizeOperator(StageOperator):
+    """Record the run's status, push the result dict, log it as one JSON line; fail the run if it failed."""
+
+    def execute(self, context):
+        ti = context["ti"]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+        states.pop(ti.task_id, None)
+        status = run_status(states, dry_run=bool(context["params"].get("dry_run")))
+        result = stages.finalize(self.spec(), context["run_id"], status)
+        ti.xcom_push(key=env.RESULT_XCOM_KEY, value=result)
+        self.log.info("dbguard result: %s", ledger.result_line(result))
+        if status == "failed":
+            bad = sorted(t for t, s in states.items() if s in FAILED_STATES)
+            raise AirflowFailException(f"migration {result.get('migration')!r} failed; failed tasks: {json.dumps(bad)}")
+        return result
+
+
+class RollbackOperator(StageOperator):
+    """The one task of the rollback DAG: abort a run (Params run_id, drop_target)."""
+
+    def execute(self, context):
+        p = context["params"]
+        return stages.rollback(self.spec(), p.get("run_id") or None, drop_target=bool(p.get("drop_target")))

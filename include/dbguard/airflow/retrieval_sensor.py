@@ -1,0 +1,33 @@
+"""retrieval_gate as a sensor: each poke re-measures the shadow reads, then asks the gate."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from .. import retrieval
+from . import env
+
+
+class RetrievalGateSensor(BaseSensorOperator):
+    ui_color = "#e8f4ff"
+
+    def __init__(self, *, spec_path: str, timeout_minutes: float = 60, **kwargs: Any) -> None:
+        kwargs.setdefault("mode", "poke")
+        kwargs.setdefault("poke_interval", 30)
+        super().__init__(timeout=timedelta(minutes=timeout_minutes), retries=0, **kwargs)
+        self.spec_path = spec_path
+
+    def poke(self, context) -> bool:
+        env.install_resolver()
+        spec = env.spec_at(self.spec_path)
+        now = datetime.now(timezone.utc)
+        first_seen = getattr(context["ti"], "start_date", None) or now  # the first poke of this try
+        retrieval.shadow_reads(spec, context["run_id"])
+        status, message = retrieval.retrieval_gate(spec, context["run_id"], first_seen_at=first_seen, now=now)
+        self.log.info("retrieval_gate %s: %s", status, message)
+        if status == "fail":
+            raise AirflowFailException(message)
+        return status == "pass"

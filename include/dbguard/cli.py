@@ -1,0 +1,307 @@
+"""`dbguard validate | plan | run | rollback | demo | embedded | pools`.
+
+`run` and `demo` execute the spec's DAG in-process through `dag.test()` and end
+with one JSON line (keys `ledger.RESULT_KEYS`) as the LAST line of stdout; all
+logging, Airflow's included, goes to stderr. Exit codes: 0 success (or a dry run
+whose checks passed), 1 the run failed, 2 the spec or the arguments are wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from . import db, embedded, ledger
+from .errors import DbguardError, SpecError
+from .spec import MigrationSpec, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_SPEC = REPO / "include" / "migrations" / "demo_shop.yaml"
+DEMO_DB = "dbguard_demo"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def say(msg: str) -> None:
+    """Human-readable progress: stderr, so stdout stays machine-readable."""
+    print(f"dbguard: {msg}", file=sys.stderr, flush=True)
+
+
+def claim_stdout():
+    """Point file descriptor 1 at stderr for the rest of the process and return a file on the
+    real stdout. Airflow's loggers (and pgserver's exit handlers, which log after main returns)
+    hold their own stdout references, so redirecting sys.stdout alone would not keep the JSON
+    line last."""
+    sys.stdout.flush()
+    real = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return real
+
+
+def _load(path: str) -> MigrationSpec:
+    return load_spec(path)
+
+
+def embedded_uris(*, reset_target: bool = False) -> dict[str, str]:
+    """Start (or reuse) the two embedded servers; URIs of database `dbguard_demo` on each.
+
+    A dedicated database, created with UTF8 and collation/ctype C (the servers' own
+    `postgres` database has C.UTF-8, which preflight rightly refuses for demo_shop.yaml).
+    reset_target drops and recreates it on the target so a demo run starts empty.
+    """
+    from psycopg import sql
+
+    say("starting the embedded PostgreSQL servers (.pg/)")
+    out = {}
+    for conn_id, uri in embedded.ensure_default(REPO / ".pg").items():
+        name = sql.Identifier(DEMO_DB)
+        with psycopg.connect(db.dsn_for(uri), autocommit=True) as c:
+            if reset_target and conn_id == "dbguard_target":
+                c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+            if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DEMO_DB,)).fetchone():
+                c.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' "
+                                  "TEMPLATE template0").format(name))
+        out[conn_id] = embedded.with_dbname(uri, DEMO_DB)
+    return out
+
+
+def use_embedded_if_default(spec: MigrationSpec) -> dict[str, str]:
+    """Export the embedded servers' URIs when the spec uses the default conn ids and the user
+    has not set AIRFLOW_CONN_<ID> (a real Postgres always wins)."""
+    ids = {spec.source.conn_id, spec.target.conn_id}
+    if ids <= set(embedded.DEFAULT_CONN_IDS) and not all(os.environ.get(db.env_var(i)) for i in ids):
+        return embedded.export_env(embedded_uris())
+    return {}
+
+
+# ---- validate / plan ----------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    spec = _load(args.spec)
+    print(f"{args.spec}: valid. migration {spec.name!r} (DAG {spec.dag_id}), "
+          f"{spec.source.conn_id} -> {spec.target.conn_id}, tables: "
+          + ", ".join(f"{t.schema_}.{t.name}" for t in spec.table_order()))
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from . import stages
+
+    spec = _load(args.spec)
+    use_embedded_if_default(spec)
+    run_id = "plan__" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    bf, g = spec.backfill, spec.gates
+    print(f"migration {spec.name} (DAG {spec.dag_id}): {spec.source.conn_id} -> {spec.target.conn_id}")
+    for t in spec.table_order():
+        ranges = stages.plan_ranges(spec, run_id, t.name, batch_rows=args.batch_rows)
+        print(f"table {t.schema_}.{t.name} -> {t.target_schema}.{t.target_name} key ({', '.join(t.key)}): "
+              f"{len(ranges)} range(s)")
+        for r in ranges:
+            print(f"  range {r['range_id']}: {r['label']}")
+    print(f"backfill: {args.batch_rows or bf.batch_rows} rows/range, {bf.concurrency} parallel "
+          f"(pool dbguard_{spec.name}), {bf.retries} retries, max {bf.max_rows_per_second or 'unlimited'} rows/s")
+    print(f"gates: checksum (repair attempts {g.repair_attempts}, max repair rows {g.max_repair_rows}, "
+          f"timeout {g.checksum_timeout_minutes} min); delta_s <= {g.delta_s_max} "
+          f"(escalate > {g.delta_s_escalate} for {g.escalate_after_minutes} min)")
+    w = spec.window
+    print(f"window: {w.start}-{w.end} {w.timezone} {','.join(w.days) if w.days else 'every day'}" if w
+          else "window: none (cutover at any time)")
+    return EXIT_OK
+
+
+# ---- run ------------------------------------------------------------------------------
+
+def _conf(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"dbguard: --conf expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _fallback_result(spec: MigrationSpec, run_id: str | None) -> dict:
+    """When finalize never pushed its result: what the ledger knows, marked failed."""
+    values: dict = {}
+    if run_id:
+        with contextlib.suppress(Exception), db.connection(spec.target.conn_id) as conn:
+            values = ledger.metrics(conn, run_id)
+    return {**values, "migration": spec.name, "status": "failed"}
+
+
+def run_spec(spec_path: str, conf: dict) -> dict:
+    """Run the spec's DAG once through dag.test(); returns the result dict (ledger.RESULT_KEYS).
+
+    Call after claim_stdout() (Airflow logs to stdout). Learned on Airflow 3.3.2:
+    - dag.test() needs a migrated metadata DB, and the DAG must come from the dags folder:
+      it re-parses the dags-folder bundle and serialises it (an inline DAG fails "not serialized").
+    - dag.test() ignores pools (tasks run one at a time in this process); ensure_pool is for the
+      scheduler of a later `airflow standalone`.
+    - it returns the DagRun (ORM); the finalize result is read back as XCom from the metadata DB.
+    """
+    from .airflow import env
+
+    spec = _load(spec_path)
+    env.airflow_defaults()
+    if Path(spec_path).resolve().parent != env.SPECS_FOLDER:  # let dags/ build this spec too
+        os.environ["DBGUARD_SPECS"] = os.pathsep.join(
+            p for p in [os.environ.get("DBGUARD_SPECS", ""), str(Path(spec_path).resolve())] if p)
+    env.ensure_metadata_db()
+    use_embedded_if_default(spec)
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    env.ensure_pool(spec)
+    bag = DagBag(str(env.DAGS_FOLDER))
+    dag = bag.dags.get(spec.dag_id)
+    if dag is None:
+        raise DbguardError(f"DAG {spec.dag_id} did not load from {env.DAGS_FOLDER}: "
+                           + ("; ".join(bag.import_errors.values()) or "not found"))
+    say(f"running {spec.dag_id} with conf {json.dumps(conf)}")
+    t0 = time.monotonic()
+    dag_run = dag.test(run_conf=conf)
+    say(f"DAG run {dag_run.run_id} ended {dag_run.state} in {time.monotonic() - t0:.1f}s")
+    return env.run_result(dag_run) or _fallback_result(spec, dag_run.run_id)
+
+
+def _run_and_print(spec_path: str, conf: dict, real_stdout) -> int:
+    try:
+        result = run_spec(spec_path, conf)
+    except SpecError:
+        raise
+    except DbguardError as e:
+        say(str(e))
+        result = {"migration": _load(spec_path).name, "status": "failed"}
+    print(ledger.result_line(result), file=real_stdout, flush=True)
+    return EXIT_OK if result.get("status") in ("success", "dry_run") else EXIT_FAILED
+
+
+def cmd_run(args) -> int:
+    _load(args.spec)  # a bad spec exits 2 before anything starts
+    conf = _conf(args.conf or [])
+    if args.dry_run:
+        conf["dry_run"] = True
+    if args.batch_rows:
+        conf["batch_rows"] = args.batch_rows
+    return _run_and_print(args.spec, conf, claim_stdout())
+
+
+# ---- demo / embedded --------------------------------------------------------------------
+
+def reset_target(spec: MigrationSpec) -> None:
+    """Drop the spec's target schemas (on a user-supplied target; the ledger schema stays)."""
+    from psycopg import sql
+
+    schemas = sorted({t.target_schema for t in spec.tables})
+    with db.connection(spec.target.conn_id, dbname=spec.target.database) as conn:
+        for s in schemas:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(s)))
+        conn.commit()
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    spec = _load(str(DEMO_SPEC))
+    real_stdout = claim_stdout()
+    ids = [spec.source.conn_id, spec.target.conn_id]
+    if all(os.environ.get(db.env_var(i)) for i in ids):
+        say(f"using {', '.join(db.env_var(i) for i in ids)} from the environment")
+        reset_target(spec)
+    else:
+        embedded.export_env(embedded_uris(reset_target=True))
+    t0 = time.monotonic()
+    say(f"loading demo data into the source ({args.customers} customers, {args.orders} orders)")
+    counts = demo.load_shop(spec.source.conn_id, customers=args.customers, orders=args.orders)
+    say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
+    return _run_and_print(str(DEMO_SPEC), {}, real_stdout)
+
+
+def cmd_rollback(args) -> int:
+    from . import stages
+
+    spec = _load(args.spec)
+    use_embedded_if_default(spec)
+    out = stages.rollback(spec, args.run_id, drop_target=args.drop_target)
+    say(f"rolled back run {out['run_id']}: capture off, schema freeze lifted"
+        + (f", dropped {', '.join(out['dropped'])}" if out.get("dropped") else ""))
+    print(json.dumps(out, default=str))
+    return EXIT_OK
+
+
+def cmd_embedded(args) -> int:
+    for conn_id, uri in embedded_uris().items():
+        print(f"export {db.env_var(conn_id)}='{uri}'")
+    return EXIT_OK
+
+
+def cmd_pools(args) -> int:
+    """Create or resize the pool of every spec's DAG (the scheduler needs it; dag.test() does not)."""
+    from .airflow import env
+
+    env.airflow_defaults()
+    env.ensure_metadata_db()
+    for path in args.specs or [str(p) for p in env.spec_paths()]:
+        spec = _load(path)
+        env.ensure_pool(spec)
+        say(f"pool {env.pool_name(spec)}: {spec.backfill.concurrency} slots")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbguard", description="Guarded database migrations on Apache Airflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a spec; exit 2 listing every problem")
+    v.add_argument("spec")
+    v.set_defaults(fn=cmd_validate)
+    pl = sub.add_parser("plan", help="tables, key ranges, gates and window; reads only")
+    pl.add_argument("spec")
+    pl.add_argument("--batch-rows", type=int)
+    pl.set_defaults(fn=cmd_plan)
+    r = sub.add_parser("run", help="run the spec's DAG in-process (dag.test); last stdout line is JSON")
+    r.add_argument("spec")
+    r.add_argument("--dry-run", action="store_true", help="preflight checks only")
+    r.add_argument("--batch-rows", type=int, help="rows per key range (overrides the spec)")
+    r.add_argument("--conf", action="append", metavar="KEY=VALUE", help="DAG run conf (value parsed as JSON)")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("demo", help="load the demo shop into embedded servers and migrate it")
+    d.add_argument("--customers", type=int, default=50_000)
+    d.add_argument("--orders", type=int, default=200_000)
+    d.set_defaults(fn=cmd_demo)
+    rb = sub.add_parser("rollback", help="abort a run: last drain, capture off, freeze lifted; source untouched")
+    rb.add_argument("spec")
+    rb.add_argument("--run-id", help="default: the migration's latest run in the target ledger")
+    rb.add_argument("--drop-target", action="store_true", help="also drop the migrated target tables")
+    rb.set_defaults(fn=cmd_rollback)
+    e = sub.add_parser("embedded", help="start the embedded servers; print export lines for eval")
+    e.set_defaults(fn=cmd_embedded)
+    po = sub.add_parser("pools", help="create/resize the Airflow pool of each spec (for airflow standalone)")
+    po.add_argument("specs", nargs="*", help="default: include/migrations/*.yaml and $DBGUARD_SPECS")
+    po.set_defaults(fn=cmd_pools)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except DbguardError as e:
+        print(f"dbguard: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`dbguard validate | plan | run` as a user types them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dbguard import cli, demo, ledger
+
+DEMO_SPEC = cli.DEMO_SPEC
+DBGUARD = Path(sys.executable).with_name("dbguard")
+
+
+def spec_variant(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(DEMO_SPEC.read_text())
+    edit(raw)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_validate_a_good_spec_exits_0_with_a_summary(capsys):
+    assert cli.main(["validate", str(DEMO_SPEC)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "dbguard_demo_shop" in out and "shop.customers, shop.orders" in out
+
+
+def test_validate_a_bad_spec_exits_2_naming_every_field(tmp_path, capsys):
+    def edit(raw):
+        raw["backfill"]["concurrency"] = 0
+        raw["tables"][1]["key"] = ["order_no"]
+
+    assert cli.main(["validate", str(spec_variant(tmp_path, edit))]) == 2
+    err = capsys.readouterr().err
+    assert "backfill.concurrency" in err
+    assert "tables[orders]" in err and "order_no" in err
+
+
+def test_run_with_a_bad_spec_exits_2_before_starting_anything(tmp_path, capsys):
+    spec = spec_variant(tmp_path, lambda raw: raw.update(name="Not An Identifier"))
+    assert cli.main(["run", str(spec)]) == 2
+    assert "name:" in capsys.readouterr().err
+
+
+def test_plan_prints_ranges_and_writes_nothing(dbpair, capsys):
+    demo.load_shop(dbpair.source, customers=2000, orders=8000)
+    assert cli.main(["plan", str(DEMO_SPEC), "--batch-rows", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "table shop.customers -> shop.customers key (id): 2 range(s)" in out
+    assert "table shop.orders -> shop.orders key (id): 8 range(s)" in out
+    assert out.count("  range ") == 10
+    assert "gates: checksum" in out and "window: 00:00-23:59 UTC" in out
+    with dbpair.tgt() as conn:
+        schemas = {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace").fetchall()}
+    assert not {"dbguard", "shop"} & schemas
+
+
+def test_run_ends_with_one_json_line_and_exit_0(airflow_db, dbpair, tmp_path):
+    demo.load_shop(dbpair.source, customers=2000, orders=8000)
+    env = {**os.environ, "DBGUARD_REPORT_DIR": str(tmp_path / "reports")}
+    proc = subprocess.run([str(DBGUARD), "run", str(DEMO_SPEC), "--batch-rows", "4000"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout[-2000:]  # Airflow's logs went to stderr
+    result = json.loads(lines[-1])
+    assert list(result) == list(ledger.RESULT_KEYS)
+    assert (result["migration"], result["status"], result["checksum_ok"], result["migrated_rows"]) == (
+        "demo_shop", "success", True, 10_000)
+    assert "ended success" in proc.stderr
