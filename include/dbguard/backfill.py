@@ -52,14 +52,6 @@ class RangeResult:
                 "source_rev": self.source_rev, "target_rev": self.target_rev}
 
 
-def target_conn(spec: MigrationSpec, **kw) -> psycopg.Connection:
-    return db.connect(spec.target.conn_id, dbname=spec.target.database, **kw)
-
-
-def source_conn(spec: MigrationSpec, **kw) -> psycopg.Connection:
-    return db.connect(spec.source.conn_id, **kw)
-
-
 def fence(tgt: psycopg.Connection, spec: MigrationSpec) -> None:
     """With capture on, no drain batch may commit between a copy's source snapshot and its commit."""
     if spec.capture.enabled:
@@ -171,7 +163,7 @@ def record_range(tgt: psycopg.Connection, spec: MigrationSpec, run_id: str, r: K
 
 
 def _snapshot_checksum(spec: MigrationSpec, table: Table, r: KeyRange, snapshot: str) -> Checksum:
-    with source_conn(spec) as conn:
+    with db.source(spec) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         ck = checksum(conn, table, "source", r)
@@ -185,7 +177,7 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
     """Copy and verify one range; idempotent. `before_commit` is a test hook (crash simulation)."""
     table = spec.table(r.table)
     t0 = time.monotonic()
-    with source_conn(spec) as src, target_conn(spec) as tgt:
+    with db.source(spec) as src, db.target(spec) as tgt:
         fence(tgt, spec)
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot, source_rev = src.execute(
@@ -213,7 +205,7 @@ def record_plan(spec: MigrationSpec, run_id: str, ranges: list[KeyRange]) -> Non
     """Register planned ranges, so completeness can be judged against the plan."""
     if not ranges:
         return
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         tgt.execute("DELETE FROM dbguard.ranges WHERE run_id = %s AND table_name = %s AND status = 'planned'",
                     (run_id, ranges[0].table))
         for r in ranges:

@@ -192,14 +192,6 @@ def truncate_function_name(spec: MigrationSpec) -> str:
     return _name("capture", spec.name, "no_truncate")
 
 
-def _src(spec: MigrationSpec, **kw) -> psycopg.Connection:
-    return db.connect(spec.source.conn_id, **kw)
-
-
-def _tgt(spec: MigrationSpec, **kw) -> psycopg.Connection:
-    return db.connect(spec.target.conn_id, dbname=getattr(spec.target, "database", None), **kw)
-
-
 def _source_rel(t: Table) -> sql.Composed:
     return db.qname(t.schema_, t.name)
 
@@ -298,7 +290,7 @@ def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Create the ledger, control flags and triggers on the source; idempotent (a retry keeps the start point)."""
     if not spec.capture.enabled:
         return {"enabled": False, "tables": []}
-    with _src(spec) as src:
+    with db.source(spec) as src:
         try:
             src.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.capture'))")
             src.execute(SOURCE_DDL)
@@ -354,7 +346,7 @@ def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     out = {"enabled": True, "tables": [t.name for t in spec.tables], "trigger": trigger_name(spec),
            "functions": [function_name(spec, t) for t in spec.tables], "capture_snapshot": snap,
            "capture_op_id": op0}
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         ensure_target(tgt)
         ledger.event(tgt, run_id, spec.name, STAGE_ON, out, op_id=op0, source_rev=snap)
     return out
@@ -365,7 +357,7 @@ def capture_off(spec: MigrationSpec, run_id: str, *, conn: psycopg.Connection | 
 
     With `conn` (e.g. inside `quiesced`), works in the caller's transaction and leaves the commit to it."""
     dropped = []
-    with nullcontext(conn) if conn is not None else _src(spec) as src:
+    with nullcontext(conn) if conn is not None else db.source(spec) as src:
         try:
             _ddl_session(src, spec)
             # CASCADE removes the triggers that use each function, also on tables renamed since.
@@ -386,7 +378,7 @@ def capture_off(spec: MigrationSpec, run_id: str, *, conn: psycopg.Connection | 
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
                                f"({e.diag.message_primary}); retry capture_off") from None
     out = {"dropped_functions": dropped, "ledger_kept": True}
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         ensure_target(tgt)
         ledger.event(tgt, run_id, spec.name, STAGE_OFF, out)
     return out
@@ -394,7 +386,7 @@ def capture_off(spec: MigrationSpec, run_id: str, *, conn: psycopg.Connection | 
 
 def set_flags(spec: MigrationSpec, *, dual_write: bool | None = None, read_source: bool | None = None) -> dict:
     """Change the flags applications read (cutover flips read_source)."""
-    with _src(spec) as src:
+    with db.source(spec) as src:
         src.execute(SOURCE_DDL)
         src.execute(
             """INSERT INTO dbguard.control (migration, dual_write, read_source)
@@ -408,7 +400,7 @@ def set_flags(spec: MigrationSpec, *, dual_write: bool | None = None, read_sourc
 
 
 def flags(spec: MigrationSpec) -> dict:
-    with _src(spec) as src:
+    with db.source(spec) as src:
         if not src.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
             return {"dual_write": False, "read_source": True, "run_id": None}
         row = src.execute("SELECT dual_write, read_source, run_id FROM dbguard.control WHERE migration = %s",
@@ -552,7 +544,7 @@ def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, b
     opened = 0
     t0 = time.monotonic()
     stopped = False
-    with _src(spec, autocommit=True) as src, _tgt(spec) as tgt:
+    with db.source(spec, autocommit=True) as src, db.target(spec) as tgt:
         ensure_target(tgt)
         replica = _replica_role(tgt)
         while max_batches is None or batches < max_batches:
@@ -627,7 +619,7 @@ def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, b
            "lag": lag(spec, run_id), "high_water": hw, "dual_write_fail": fail_count,
            "failed_op_ids": fail_ids, "new_failed_op_ids": failed_ids, "stopped_on_error": stopped,
            "replica_role": replica}
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         st = _cursor_state(tgt, spec, run_id)
         ledger.event(tgt, run_id, spec.name, STAGE_DRAIN, out, op_id=hw, source_rev=st.get("prev_snapshot"),
                      target_rev=st.get("target_rev"), commit=False)
@@ -662,7 +654,7 @@ def apply_ops(spec: MigrationSpec, run_id: str, ops: list[tuple]) -> dict[str, A
     `ops` are ledger rows as `read_ops` returns them (OP_COLUMNS; row images as jsonb text).
     Ops beyond the cursor are refused: only `drain` may move it, in order.
     """
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         ensure_target(tgt)
         row = tgt.execute("SELECT prev_snapshot, cur_snapshot, op_cursor FROM dbguard.apply_cursor "
                           "WHERE migration = %s AND run_id = %s FOR UPDATE", (spec.name, run_id)).fetchone()
@@ -680,7 +672,7 @@ def apply_ops(spec: MigrationSpec, run_id: str, ops: list[tuple]) -> dict[str, A
 
 def read_ops(spec: MigrationSpec, first_op: int, last_op: int) -> list[tuple]:
     """Ledger rows of this migration with first_op <= op_id <= last_op (for audits and replay tests)."""
-    with _src(spec) as src:
+    with db.source(spec) as src:
         return src.execute("SELECT " + OP_COLUMNS + " FROM dbguard.change_ledger WHERE migration = %s AND op_id BETWEEN %s AND %s "
                            "ORDER BY op_id", (spec.name, first_op, last_op)).fetchall()
 
@@ -699,9 +691,9 @@ def _cursor_state(tgt: psycopg.Connection, spec: MigrationSpec, run_id: str) -> 
 
 def lag(spec: MigrationSpec, run_id: str) -> int:
     """Committed source ops not yet applied to the target (the drain sensor compares it with gates.max_lag_ops)."""
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         st = _cursor_state(tgt, spec, run_id)
-    with _src(spec) as src:
+    with db.source(spec) as src:
         if st:
             prev, cur, after = st["prev_snapshot"], st["cur_snapshot"], st["op_cursor"]
         else:
@@ -714,7 +706,7 @@ def lag(spec: MigrationSpec, run_id: str) -> int:
 
 def dual_write_fail(spec: MigrationSpec, run_id: str) -> tuple[int, list[int]]:
     """(count, op_ids) of ops the applier could not apply in this run; must be 0 before cutover."""
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         if not tgt.execute("SELECT to_regclass('dbguard.apply_failures') IS NOT NULL").fetchone()[0]:
             return 0, []
         ids = [r[0] for r in tgt.execute("SELECT op_id FROM dbguard.apply_failures WHERE migration = %s "
@@ -724,7 +716,7 @@ def dual_write_fail(spec: MigrationSpec, run_id: str) -> tuple[int, list[int]]:
 
 def failures(spec: MigrationSpec, run_id: str) -> list[dict]:
     """Every recorded apply failure with its error, for the gate message and the report."""
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         if not tgt.execute("SELECT to_regclass('dbguard.apply_failures') IS NOT NULL").fetchone()[0]:
             return []
         cur = tgt.execute("SELECT op_id, table_name, op, key, sqlstate, error FROM dbguard.apply_failures "
@@ -735,7 +727,7 @@ def failures(spec: MigrationSpec, run_id: str) -> list[dict]:
 
 def drift(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Ledger high-water marks and per-table counts on both sides."""
-    with _src(spec) as src:
+    with db.source(spec) as src:
         has_ledger = src.execute("SELECT to_regclass('dbguard.change_ledger') IS NOT NULL").fetchone()[0]
         src_hw, per_table_ops = 0, {}
         if has_ledger:
@@ -748,7 +740,7 @@ def drift(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
                 "GROUP BY table_name", (spec.name, since)).fetchall())
         src_counts = {t.name: src.execute(sql.SQL("SELECT count(*) FROM {}").format(_source_rel(t))).fetchone()[0]
                       for t in spec.tables}
-    with _tgt(spec) as tgt:
+    with db.target(spec) as tgt:
         st = _cursor_state(tgt, spec, run_id)
         tgt_counts = {}
         for t in spec.tables:
@@ -769,7 +761,7 @@ def drift(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 
 def is_on(spec: MigrationSpec) -> bool:
     """Are this migration's capture triggers installed on the source?"""
-    with _src(spec) as src:
+    with db.source(spec) as src:
         return src.execute("SELECT to_regprocedure(%s) IS NOT NULL",
                            (f"{SCHEMA}.{function_name(spec, spec.tables[0])}()",)).fetchone()[0]
 
@@ -783,7 +775,7 @@ def quiesced(spec: MigrationSpec, run_id: str, *, timeout_s: float = 60):
     ends; then commits. Yields (source connection, info); info["freeze_ms"] is set on exit.
     """
     info: dict[str, Any] = {"drained": 0}
-    with _src(spec) as src:
+    with db.source(spec) as src:
         src.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{spec.capture.ddl_lock_timeout_ms}ms")))
         t0 = time.monotonic()
         try:

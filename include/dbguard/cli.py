@@ -134,7 +134,7 @@ def _fallback_result(spec: MigrationSpec, run_id: str | None) -> dict:
     """When finalize never pushed its result: what the ledger knows, marked failed."""
     values: dict = {}
     if run_id:
-        with contextlib.suppress(Exception), db.connection(spec.target.conn_id) as conn:
+        with contextlib.suppress(Exception), db.target(spec) as conn:
             values = ledger.metrics(conn, run_id)
     return {**values, "migration": spec.name, "status": "failed"}
 
@@ -203,7 +203,7 @@ def reset_target(spec: MigrationSpec) -> None:
     from psycopg import sql
 
     schemas = sorted({t.target_schema for t in spec.tables})
-    with db.connection(spec.target.conn_id, dbname=spec.target.database) as conn:
+    with db.target(spec) as conn:
         for s in schemas:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(s)))
         conn.commit()

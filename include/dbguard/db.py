@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import psycopg
 from psycopg import sql
 
 from .errors import ConnectionFailed
+
+if TYPE_CHECKING:
+    from .spec import MigrationSpec
 
 SESSION_SETTINGS = {
     "TimeZone": "UTC",
@@ -94,6 +97,16 @@ def connection(conn_id: str, **kw) -> Iterator[psycopg.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+def source(spec: "MigrationSpec", **kw) -> psycopg.Connection:
+    """A connection to the spec's source database."""
+    return connect(spec.source.conn_id, **kw)
+
+
+def target(spec: "MigrationSpec", **kw) -> psycopg.Connection:
+    """A connection to the spec's target database (target.database when the spec names one)."""
+    return connect(spec.target.conn_id, dbname=spec.target.database, **kw)
 
 
 def qname(schema: str, name: str) -> sql.Composed:

@@ -18,7 +18,6 @@ import psycopg
 from psycopg import sql
 
 from . import db, ledger
-from .backfill import source_conn, target_conn
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
@@ -162,7 +161,7 @@ def _target_database(spec: MigrationSpec) -> list[str]:
     """Encoding/collation of the target database must be what the spec says."""
     tgt = spec.target
     try:
-        conn = target_conn(spec)
+        conn = db.target(spec)
     except ConnectionFailed as e:
         if tgt.database and tgt.create_database and "does not exist" in str(e):
             return []  # created in apply()
@@ -204,14 +203,14 @@ def validate(spec: MigrationSpec) -> dict:
     """Every read-only check; raises PreflightError listing all problems. Writes nothing."""
     problems: list[str] = []
     conc = spec.backfill.concurrency
-    with source_conn(spec) as src:
+    with db.source(spec) as src:
         problems += _contract(src, spec)
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
         source_version = src.info.server_version
     problems += _target_database(spec)
     try:
-        with target_conn(spec) as tgt:
+        with db.target(spec) as tgt:
             problems += _target_privileges(tgt, spec)
             problems += _target_tables(tgt, spec)
             problems += _headroom(tgt, "target", conc + 2)
@@ -312,7 +311,7 @@ def freeze(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[s
 
 def release_freeze(spec: MigrationSpec) -> int:
     """Undo `freeze` for this migration; safe to call twice or when nothing was frozen."""
-    with source_conn(spec) as conn:
+    with db.source(spec) as conn:
         if conn.execute("SELECT to_regclass('dbguard.frozen')").fetchone()[0] is None:
             return 0
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.freeze'))")
@@ -327,7 +326,7 @@ def release_freeze(spec: MigrationSpec) -> int:
 def apply(spec: MigrationSpec, run_id: str) -> dict:
     """The writes, after validate() passed: target database/tables, freeze, ledger run."""
     created_db = _create_database(spec)
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         for schema in sorted({t.target_schema for t in spec.tables}):
             tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         for t in spec.tables:
@@ -339,6 +338,6 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
         raise PreflightError(problems)
     frozen = []
     if spec.schema_freeze:
-        with source_conn(spec) as src:
+        with db.source(spec) as src:
             frozen = freeze(src, spec, run_id)
     return {"created_database": created_db, "frozen": frozen}

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .backfill import Throttle, copy_format, fence, orphan_count, source_conn, stream_rows, target_conn
+from . import db
+from .backfill import Throttle, copy_format, fence, orphan_count, stream_rows
 from .checksum import Checksum, checksum, relation, row_hash
 from .ranges import KeyRange, key_text, order_by, plan, predicate
 from .spec import MigrationSpec, Table
@@ -51,8 +52,8 @@ class Sides:
 
     def __init__(self, spec: MigrationSpec):
         self.spec = spec
-        self.src = source_conn(spec, autocommit=True)
-        self.tgt = target_conn(spec, autocommit=True)
+        self.src = db.source(spec, autocommit=True)
+        self.tgt = db.target(spec, autocommit=True)
         self.pool = ThreadPoolExecutor(2)
 
     def both(self, fn, *args) -> tuple:
@@ -114,7 +115,7 @@ def repair(spec: MigrationSpec, table: Table, diff: RowDiff, batch: int = 5_000)
     """Delete every differing key in the target, re-copy the source's rows for them."""
     keys = diff.missing + diff.extra + diff.changed
     copied = 0
-    with source_conn(spec) as src, target_conn(spec) as tgt:
+    with db.source(spec) as src, db.target(spec) as tgt:
         fence(tgt, spec)
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         for i in range(0, len(keys), batch):
@@ -129,7 +130,7 @@ def repair(spec: MigrationSpec, table: Table, diff: RowDiff, batch: int = 5_000)
 
 
 def planned_ranges(spec: MigrationSpec, run_id: str, table: Table) -> list[KeyRange]:
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         rows = tgt.execute("SELECT range_id, lo, hi FROM dbguard.ranges WHERE run_id = %s AND table_name = %s "
                            "ORDER BY range_id", (run_id, table.name)).fetchall()
     ranges = [KeyRange(table.name, rid, tuple(lo) if lo is not None else None,

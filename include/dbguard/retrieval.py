@@ -23,8 +23,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import ledger
-from .db import connect, qname
+from . import db, ledger
+from .db import qname
 from .errors import DbguardError, PreflightError
 from .spec import MigrationSpec, SearchStore, Table, VectorStore
 from .stores import search as search_store
@@ -238,7 +238,7 @@ def scan_vectors(spec: MigrationSpec, conn: psycopg.Connection) -> list[str]:
 
 def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Stage: scan the source, check the target, record the manifest; raises PreflightError listing all."""
-    with connect(spec.source.conn_id) as src, connect(spec.target.conn_id) as tgt:
+    with db.source(spec) as src, db.target(spec) as tgt:
         problems = scan_vectors(spec, src) + check_target(spec, tgt)
         if problems:
             raise PreflightError(problems)
@@ -253,7 +253,7 @@ def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Stage: ANN + GIN indexes on the target (CONCURRENTLY, swap on rebuild), INDEX_HASH into the manifest."""
     out: dict[str, Any] = {"indexes": [], "index_hash": {}}
-    with connect(spec.target.conn_id, autocommit=True) as conn:
+    with db.target(spec, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '256MB'")
         vs = list(vector_store.stores(spec))
         for t, v in vs:
@@ -267,7 +267,7 @@ def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
             r = search_store.build_index(conn, t, s)
             r["seconds"] = round(time.perf_counter() - t0, 3)
             out["indexes"].append(r)
-    with connect(spec.target.conn_id) as conn:
+    with db.target(spec) as conn:
         ledger.ensure(conn)
         pins = manifest(spec)
         hashes = out["index_hash"]
@@ -580,14 +580,14 @@ def shadow_reads(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     if spec.retrieval.max_queries:
         gold = gold[: spec.retrieval.max_queries]
     t0 = time.perf_counter()
-    with connect(spec.source.conn_id, autocommit=True) as src, connect(spec.target.conn_id, autocommit=True) as tgt:
+    with db.source(spec, autocommit=True) as src, db.target(spec, autocommit=True) as tgt:
         rows = measure(spec, gold, src, tgt)
     seconds = time.perf_counter() - t0
     m = summarize(spec, rows)
     measured = {r["store"] for r in rows}
     m["unmeasured_stores"] = [p.label for _, p in _probes(spec) if p.label not in measured]
     m["shadow_reads_seconds"] = round(seconds, 3)
-    with connect(spec.target.conn_id) as conn:
+    with db.target(spec) as conn:
         ensure_shadow_table(conn)
         record(conn, spec, run_id, rows, m)
     return m
@@ -657,7 +657,7 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
     wait: anything else (the sensor re-measures on its next poke).
     """
     g = spec.gates
-    with connect(spec.target.conn_id) as conn:
+    with db.target(spec) as conn:
         ensure_shadow_table(conn)
         m = ledger.metrics(conn, run_id)
         if m.get("delta_s_diff") is None and m.get("lambda_state") is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import capture, db, ledger, preflight as pf, report
-from .backfill import copy_range as _copy_range, source_conn, target_conn
+from .backfill import copy_range as _copy_range
 from .errors import GateFailed
 from .ranges import KeyRange, plan
 from .reconcile import reconcile_table
@@ -17,7 +17,7 @@ from .spec import MigrationSpec
 
 
 def _event(spec: MigrationSpec, run_id: str, stage: str, detail: dict, **kw) -> None:
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         ledger.event(tgt, run_id, spec.name, stage, detail, **kw)
 
 
@@ -61,7 +61,7 @@ def _dual_write_failures(spec: MigrationSpec, run_id: str) -> str:
 def plan_ranges(spec: MigrationSpec, run_id: str, table: str, *, batch_rows: int | None = None) -> list[dict]:
     """Key ranges for one table, read from the source only: [{"table", "range_id", "lo", "hi", "label", "planned"}]."""
     t = spec.table(table)
-    with source_conn(spec) as src:
+    with db.source(spec) as src:
         ranges = plan(src, t, batch_rows or spec.backfill.batch_rows)
     return [{**r.to_dict(), "planned": len(ranges)} for r in ranges]
 
@@ -71,7 +71,7 @@ def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]
     r = KeyRange.from_dict(krange)
     res = _copy_range(spec, run_id, r, rows_per_second=spec.backfill.max_rows_per_second)
     if "planned" in krange:
-        with target_conn(spec) as tgt:
+        with db.target(spec) as tgt:
             ledger.set_metric(tgt, run_id, spec.name, f"planned_ranges.{r.table}", int(krange["planned"]))
     return res.to_dict()
 
@@ -80,7 +80,7 @@ def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, A
     tables = {t.name: reconcile_table(spec, run_id, t) for t in spec.table_order()}
     ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
     migrated = sum(r["target"]["count"] for r in tables.values())
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         ledger.set_metric(tgt, run_id, spec.name, metric, tables, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "checksum_ok", ok, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "migrated_rows", migrated, commit=False)
@@ -106,7 +106,7 @@ def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 
 def checksum_problems(spec: MigrationSpec, run_id: str, *, completeness_only: bool = False) -> list[str]:
     """Every reason the checksum gate must not pass; empty when it may."""
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         m = ledger.metrics(tgt, run_id)
         copied = dict(tgt.execute(
             "SELECT table_name, count(*) FROM dbguard.ranges WHERE run_id = %s AND status <> 'planned' "
@@ -172,7 +172,7 @@ def release(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 
 
 def latest_run(spec: MigrationSpec) -> str | None:
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         if tgt.execute("SELECT to_regclass('dbguard.runs')").fetchone()[0] is None:
             return None
         row = tgt.execute("SELECT run_id FROM dbguard.runs WHERE migration = %s ORDER BY started_at DESC LIMIT 1",
@@ -189,12 +189,12 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
     if drop_target:
         from psycopg import sql
 
-        with target_conn(spec) as tgt:
+        with db.target(spec) as tgt:
             for t in spec.tables:
                 tgt.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(db.qname(t.target_schema, t.target_name)))
             tgt.commit()
         out["dropped"] = [f"{t.target_schema}.{t.target_name}" for t in spec.tables]
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         ledger.ensure(tgt)
         ledger.finish_run(tgt, run_id, spec.name, "rolled_back")
         ledger.event(tgt, run_id, spec.name, "rollback", out)
@@ -206,7 +206,7 @@ def finalize(spec: MigrationSpec, run_id: str, status: str) -> dict[str, Any]:
     A dry run writes nothing: its result only says so."""
     if status == "dry_run":
         return {"migration": spec.name, "status": status, **{k: None for k in ledger.RESULT_KEYS[2:]}}
-    with target_conn(spec) as tgt:
+    with db.target(spec) as tgt:
         ledger.ensure(tgt)
         ledger.finish_run(tgt, run_id, spec.name, status)
         m = ledger.metrics(tgt, run_id)
