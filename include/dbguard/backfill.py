@@ -166,7 +166,7 @@ def _snapshot_checksum(spec: MigrationSpec, table: Table, r: KeyRange, snapshot:
     with db.source(spec) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        ck = checksum(conn, table, "source", r)
+        ck = checksum(conn, table, "source", r, spec.gates.float_tolerance)
         conn.rollback()
         return ck
 
@@ -187,7 +187,7 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
             tgt.execute(sql.SQL("DELETE FROM {} WHERE {}").format(relation(table, "target"), predicate(table, r)))
             rows = stream_rows(src, tgt, table, predicate(table, r), copy_format(spec, table),
                                Throttle(rows_per_second))
-            tgt_ck = checksum(tgt, table, "target", r)
+            tgt_ck = checksum(tgt, table, "target", r, spec.gates.float_tolerance)
             orphans = orphan_count(tgt, spec, table, r)
             target_rev = str(tgt.execute("SELECT pg_current_xact_id()").fetchone()[0])
             res = RangeResult(table.name, r.range_id, r.label, rows, time.monotonic() - t0, src_ck.result(),

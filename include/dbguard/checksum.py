@@ -37,17 +37,19 @@ def relation(table: Table, side: str) -> sql.Composed:
     return qname(table.schema_, table.name) if side == "source" else qname(table.target_schema, table.target_name)
 
 
-def row_hash(table: Table, side: str) -> sql.Composable:
-    cols = sql.SQL(", ").join(checksum_expr(table, c, side) for c in table.columns)
+def row_hash(table: Table, side: str, tolerance: float = 1e-6) -> sql.Composable:
+    """`tolerance` is the spec's gates.float_tolerance (vector components are rounded to it)."""
+    cols = sql.SQL(", ").join(checksum_expr(table, c, side, tolerance) for c in table.columns)
     return sql.SQL("('x' || left(md5(record_send(ROW({}))), 16))::bit(64)::bigint").format(cols)
 
 
-def checksum_query(table: Table, side: str, r: KeyRange | None = None) -> sql.Composed:
+def checksum_query(table: Table, side: str, r: KeyRange | None = None, tolerance: float = 1e-6) -> sql.Composed:
     where = predicate(table, r) if r is not None else sql.SQL("true")
     return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} WHERE {w}").format(
-        h=row_hash(table, side), t=relation(table, side), w=where)
+        h=row_hash(table, side, tolerance), t=relation(table, side), w=where)
 
 
-def checksum(conn: psycopg.Connection, table: Table, side: str, r: KeyRange | None = None) -> Checksum:
-    count, total = conn.execute(checksum_query(table, side, r)).fetchone()
+def checksum(conn: psycopg.Connection, table: Table, side: str, r: KeyRange | None = None,
+             tolerance: float = 1e-6) -> Checksum:
+    count, total = conn.execute(checksum_query(table, side, r, tolerance)).fetchone()
     return Checksum(int(count), int(total))

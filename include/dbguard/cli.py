@@ -23,7 +23,9 @@ from .errors import DbguardError, SpecError
 from .spec import MigrationSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_SPEC = REPO / "include" / "migrations" / "demo_shop.yaml"
+DEMO_SPECS = {name: REPO / "include" / "migrations" / f"demo_{name}.yaml"
+              for name in ("shop", "docs", "docs_bad_analyzer")}
+DEMO_SPEC = DEMO_SPECS["shop"]
 DEMO_DB = "dbguard_demo"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -210,9 +212,10 @@ def reset_target(spec: MigrationSpec) -> None:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from . import corpus, demo
 
-    spec = _load(str(DEMO_SPEC))
+    spec_path = DEMO_SPECS[args.which]
+    spec = _load(str(spec_path))
     real_stdout = claim_stdout()
     ids = [spec.source.conn_id, spec.target.conn_id]
     if all(os.environ.get(db.env_var(i)) for i in ids):
@@ -221,10 +224,14 @@ def cmd_demo(args) -> int:
     else:
         embedded.export_env(embedded_uris(reset_target=True))
     t0 = time.monotonic()
-    say(f"loading demo data into the source ({args.customers} customers, {args.orders} orders)")
-    counts = demo.load_shop(spec.source.conn_id, customers=args.customers, orders=args.orders)
+    if args.which == "shop":
+        say(f"loading demo data into the source ({args.customers} customers, {args.orders} orders)")
+        counts = demo.load_shop(spec.source.conn_id, customers=args.customers, orders=args.orders)
+    else:
+        say("embedding standard-library docstrings (TF-IDF + SVD) into the source")
+        counts = corpus.load_docs(spec.source.conn_id)
     say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
-    return _run_and_print(str(DEMO_SPEC), {}, real_stdout)
+    return _run_and_print(str(spec_path), {}, real_stdout)
 
 
 def cmd_rollback(args) -> int:
@@ -274,7 +281,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-rows", type=int, help="rows per key range (overrides the spec)")
     r.add_argument("--conf", action="append", metavar="KEY=VALUE", help="DAG run conf (value parsed as JSON)")
     r.set_defaults(fn=cmd_run)
-    d = sub.add_parser("demo", help="load the demo shop into embedded servers and migrate it")
+    d = sub.add_parser("demo", help="load demo data into embedded servers and migrate it")
+    d.add_argument("which", nargs="?", choices=sorted(DEMO_SPECS), default="shop",
+                   help="shop: OLTP tables (default); docs: vectors + full-text search through the retrieval "
+                        "gate; docs_bad_analyzer: an analyzer mistake the gate catches (exit 1)")
     d.add_argument("--customers", type=int, default=50_000)
     d.add_argument("--orders", type=int, default=200_000)
     d.set_defaults(fn=cmd_demo)

@@ -17,7 +17,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import db, ledger
+from . import db, ledger, retrieval
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
@@ -180,6 +180,18 @@ def _target_database(spec: MigrationSpec) -> list[str]:
     return problems
 
 
+def _needs_pgvector(spec: MigrationSpec) -> bool:
+    return any(c.tgt_type.startswith(("vector", "halfvec", "sparsevec")) for t in spec.tables for c in t.columns)
+
+
+def _target_extensions(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
+    if _needs_pgvector(spec) and not conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
+        return ["target: a vector column needs the pgvector extension, which this server does not have; "
+                "install pgvector on the target server (CREATE EXTENSION vector must work)"]
+    return []
+
+
 def _target_tables(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
     problems = []
     for t in spec.tables:
@@ -207,6 +219,8 @@ def validate(spec: MigrationSpec) -> dict:
         problems += _contract(src, spec)
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
+        if not problems:  # vector scan needs the contract to hold
+            problems += retrieval.scan_vectors(spec, src)
         source_version = src.info.server_version
     problems += _target_database(spec)
     try:
@@ -214,6 +228,8 @@ def validate(spec: MigrationSpec) -> dict:
             problems += _target_privileges(tgt, spec)
             problems += _target_tables(tgt, spec)
             problems += _headroom(tgt, "target", conc + 2)
+            problems += _target_extensions(tgt, spec)
+            problems += retrieval.check_target(spec, tgt)
             target_version = tgt.info.server_version
     except ConnectionFailed:
         if not (spec.target.database and spec.target.create_database):
@@ -327,12 +343,16 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
     """The writes, after validate() passed: target database/tables, freeze, ledger run."""
     created_db = _create_database(spec)
     with db.target(spec) as tgt:
+        if _needs_pgvector(spec):
+            tgt.execute("CREATE EXTENSION IF NOT EXISTS vector")
         for schema in sorted({t.target_schema for t in spec.tables}):
             tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         for t in spec.tables:
             tgt.execute(create_table_sql(spec, t))
         tgt.commit()
         ledger.start_run(tgt, run_id, spec.name, spec.model_dump(mode="json", by_alias=True))
+        if spec.has_stores:
+            ledger.set_manifest(tgt, spec.name, run_id, retrieval.manifest(spec))
         problems = _target_tables(tgt, spec)
     if problems:
         raise PreflightError(problems)

@@ -62,7 +62,8 @@ class Sides:
         return a.result(), b.result()
 
     def checksums(self, table: Table, r: KeyRange | None) -> tuple[Checksum, Checksum]:
-        return self.both(checksum, (table, "source", r), (table, "target", r))
+        tol = self.spec.gates.float_tolerance
+        return self.both(checksum, (table, "source", r, tol), (table, "target", r, tol))
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -70,9 +71,9 @@ class Sides:
         self.tgt.close()
 
 
-def _leaf_rows(conn: psycopg.Connection, table: Table, side: str, r: KeyRange) -> dict[tuple, int]:
+def _leaf_rows(conn: psycopg.Connection, table: Table, side: str, r: KeyRange, tol: float) -> dict[tuple, int]:
     q = sql.SQL("SELECT {kt}, {h} FROM {t} WHERE {p} ORDER BY {ob}").format(
-        kt=key_text(table), h=row_hash(table, side), t=relation(table, side), p=predicate(table, r),
+        kt=key_text(table), h=row_hash(table, side, tol), t=relation(table, side), p=predicate(table, r),
         ob=order_by(table))
     n = len(table.key)
     return {tuple(row[:n]): row[n] for row in conn.execute(q)}
@@ -84,7 +85,8 @@ def locate(sides: Sides, table: Table, r: KeyRange, src_ck: Checksum, tgt_ck: Ch
     if src_ck == tgt_ck:
         return diff
     if max(src_ck.count, tgt_ck.count) <= leaf:
-        s, t = sides.both(_leaf_rows, (table, "source", r), (table, "target", r))
+        tol = sides.spec.gates.float_tolerance
+        s, t = sides.both(_leaf_rows, (table, "source", r, tol), (table, "target", r, tol))
         diff.missing = [k for k in s if k not in t]
         diff.extra = [k for k in t if k not in s]
         diff.changed = [k for k in s if k in t and s[k] != t[k]]

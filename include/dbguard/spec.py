@@ -260,6 +260,7 @@ class RetrievalSettings(_Model):
     latency_floor_ms: float = Field(2.0, ge=0, description="p95 slow-downs smaller than this are noise")
     query_timeout_ms: int = Field(10_000, ge=1)
     max_queries: int | None = Field(None, ge=1, description="use only the first N gold queries")
+    poke_seconds: float = Field(30, gt=0, description="how often the retrieval gate re-measures while waiting")
     gate_timeout_minutes: float = Field(60, gt=0, description="the retrieval gate fails when it has not passed "
                                                              "this long after its first poke")
 
@@ -441,6 +442,11 @@ class MigrationSpec(_Model):
     @property
     def dag_id(self) -> str:
         return f"dbguard_{self.name}"
+
+    @property
+    def has_stores(self) -> bool:
+        """Vector or search stores: the retrieval stages (indexes, shadow reads, gate) apply."""
+        return any(t.vector or t.search for t in self.tables)
 
     def table(self, name: str) -> Table:
         for t in self.tables:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import capture, db, ledger, preflight as pf, report
+from . import capture, db, ledger, preflight as pf, report, retrieval
 from .backfill import copy_range as _copy_range
 from .errors import GateFailed
 from .ranges import KeyRange, plan
@@ -140,6 +140,11 @@ def checksum_problems(spec: MigrationSpec, run_id: str, *, completeness_only: bo
     return problems
 
 
+def record_gate_failure(spec: MigrationSpec, run_id: str, gate: str, message: str) -> None:
+    """A failed gate's full message goes into the ledger (and so the incident report), not only the task log."""
+    _event(spec, run_id, f"{gate}_failed", {"message": message})
+
+
 def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     """(passed, message): passes only at 100 % completeness and equal checksums (verified under a
     brief write freeze when dual writes are on)."""
@@ -169,6 +174,16 @@ def release(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         _event(spec, run_id, "write_freeze", {"stage": "release", **info})
     out["unfrozen"] = pf.release_freeze(spec)
     return out
+
+
+def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """ANN and GIN indexes built offline on the verified target; INDEX_HASH into the manifest."""
+    return retrieval.build_indexes(spec, run_id)
+
+
+def shadow_reads(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """Every gold query on source and target (A/A noise floor, two seeds): delta_s_diff, lambda_state."""
+    return retrieval.shadow_reads(spec, run_id)
 
 
 def latest_run(spec: MigrationSpec) -> str | None:

@@ -3,7 +3,7 @@
 The DAG is a chain of stages, each added by one builder in `STAGES`:
 
     preflight -> capture_on -> backfill[table...] -> drain_changes -> reconcile -> checksum_gate
-      -> release -> finalize
+      -> build_indexes -> shadow_reads -> retrieval_gate -> release -> finalize
 
 A builder takes the `Build` and hangs its tasks after `build.tail`. A later
 issue adds a stage by writing one builder and inserting it into `STAGES`
@@ -25,6 +25,7 @@ from ..errors import SpecError
 from ..spec import MigrationSpec
 from . import env
 from .operators import (
+    BuildIndexesOperator,
     CaptureOnOperator,
     CopyRangeOperator,
     FinalizeOperator,
@@ -33,7 +34,9 @@ from .operators import (
     ReconcileOperator,
     ReleaseOperator,
     RollbackOperator,
+    ShadowReadsOperator,
 )
+from .retrieval_sensor import RetrievalGateSensor
 from .sensors import GateSensor
 
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
@@ -97,7 +100,20 @@ def checksum_gate(b: Build) -> None:
                       timeout_minutes=b.spec.gates.checksum_timeout_minutes, poke_interval=5))
 
 
-STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, checksum_gate]
+def retrieval_stages(b: Build) -> None:
+    """Vector/search stores: indexes built offline on the verified target, then shadow reads of the gold
+    set and the retrieval gate (re-measures while drift may still settle, fails on escalation)."""
+    if not b.spec.has_stores:
+        return
+    b.then(BuildIndexesOperator(task_id="build_indexes", spec_path=b.spec_path))
+    b.then(ShadowReadsOperator(task_id="shadow_reads", spec_path=b.spec_path))
+    b.then(RetrievalGateSensor(task_id="retrieval_gate", spec_path=b.spec_path,
+                               timeout_minutes=b.spec.retrieval.gate_timeout_minutes + 1,
+                               poke_interval=b.spec.retrieval.poke_seconds))
+
+
+STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, checksum_gate,
+                              retrieval_stages]
 
 
 def _close(b: Build) -> None:

@@ -83,6 +83,16 @@ class ReconcileOperator(StageOperator):
         return stages.reconcile(self.spec(), context["run_id"])
 
 
+class BuildIndexesOperator(StageOperator):
+    def execute(self, context):
+        return stages.build_indexes(self.spec(), context["run_id"])
+
+
+class ShadowReadsOperator(StageOperator):
+    def execute(self, context):
+        return stages.shadow_reads(self.spec(), context["run_id"])
+
+
 class ReleaseOperator(StageOperator):
     """Undo run-scoped holds (capture triggers after a last drain, schema freeze); runs whatever happened."""
 

@@ -1,4 +1,5 @@
-"""retrieval_gate as a sensor: each poke re-measures the shadow reads, then asks the gate."""
+"""retrieval_gate as a sensor: judges the latest shadow reads; while the verdict is "wait" it
+re-measures, so the next poke judges fresh numbers."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -7,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from .. import retrieval
+from .. import retrieval, stages
 from . import env
 
 
@@ -25,9 +26,11 @@ class RetrievalGateSensor(BaseSensorOperator):
         spec = env.spec_at(self.spec_path)
         now = datetime.now(timezone.utc)
         first_seen = getattr(context["ti"], "start_date", None) or now  # the first poke of this try
-        retrieval.shadow_reads(spec, context["run_id"])
         status, message = retrieval.retrieval_gate(spec, context["run_id"], first_seen_at=first_seen, now=now)
         self.log.info("retrieval_gate %s: %s", status, message)
         if status == "fail":
+            stages.record_gate_failure(spec, context["run_id"], "retrieval_gate", message)
             raise AirflowFailException(message)
+        if status == "wait":
+            retrieval.shadow_reads(spec, context["run_id"])
         return status == "pass"

@@ -31,5 +31,6 @@ class GateSensor(BaseSensorOperator):
         verdict, message = getattr(stages, self.gate)(env.spec_at(self.spec_path), context["run_id"])
         self.log.info("%s: %s", self.gate, message)
         if verdict is False:
+            stages.record_gate_failure(env.spec_at(self.spec_path), context["run_id"], self.gate, message)
             raise AirflowFailException(f"{self.gate} failed: {message}")
         return bool(verdict)

@@ -1,0 +1,58 @@
+"""The retrieval stages in a real DAG run: docstring vectors (L2, raw) move to
+cosine on normalised vectors and pass the gate; the analyzer mistake
+(english -> simple) fails the run, naming the drifting queries."""
+from __future__ import annotations
+
+import yaml
+
+from dbguard import corpus
+from dbguard.airflow import env as afenv
+from test_dag import dagbag, reports  # noqa: F401  (fixture)
+
+DOCS = afenv.SPECS_FOLDER / "demo_docs.yaml"
+BAD = afenv.SPECS_FOLDER / "demo_docs_bad_analyzer.yaml"
+
+
+def test_docs_migration_passes_the_retrieval_gate(airflow_db, dbpair, reports):  # noqa: F811
+    corpus.load_docs(dbpair.source)
+    dag_run = dagbag().dags["dbguard_demo_docs"].test()
+    result = afenv.run_result(dag_run)
+    assert dag_run.state == "success", result
+    assert result["checksum_ok"] is True
+    assert result["delta_s_diff"] is not None and result["delta_s_diff"] <= 0.02
+    assert result["lambda_state"] == "convergent"
+    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["build_indexes"] == states["shadow_reads"] == states["retrieval_gate"] == "success"
+    with dbpair.tgt() as c:
+        pins = dict(c.execute("SELECT key, value FROM dbguard.manifest WHERE run_id = %s",
+                              (dag_run.run_id,)).fetchall())
+        assert (pins["EMBED_DIM"], pins["metric"], pins["ANALYZER_CONF"]) == ("128", "cosine", "english"), pins
+        assert len(pins["INDEX_HASH"]) >= 16
+        opclass = c.execute("SELECT opc.opcname FROM pg_index i JOIN pg_opclass opc ON opc.oid = i.indclass[0] "
+                            "JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam "
+                            "WHERE i.indrelid = 'docs.documents'::regclass AND am.amname = 'hnsw'").fetchone()
+        assert opclass == ("vector_cosine_ops",)
+
+
+def test_analyzer_mistake_fails_the_run_naming_queries(airflow_db, dbpair, reports, tmp_path, monkeypatch):  # noqa: F811
+    raw = yaml.safe_load(BAD.read_text())
+    raw["name"] = "docs_bad_fast"
+    raw["retrieval"].update(gate_timeout_minutes=0.05, poke_seconds=1)
+    path = tmp_path / "docs_bad_fast.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    corpus.load_docs(dbpair.source)
+    dag_run = dagbag().dags["dbguard_docs_bad_fast"].test()
+    result = afenv.run_result(dag_run)
+    assert dag_run.state == "failed" and result["status"] == "failed"
+    assert result["checksum_ok"] is True  # the data arrived intact: only meaning changed
+    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["retrieval_gate"] == "failed" and states["release"] == "success"
+    assert result["lambda_state"] != "convergent" or result["delta_s_diff"] > 0.02
+    with dbpair.tgt() as c:
+        n = c.execute("SELECT count(*) FROM dbguard.shadow_reads WHERE run_id = %s AND store LIKE %s AND seed > 0 "
+                      "AND lambda <> '→'", (dag_run.run_id, "%tsv%")).fetchone()[0]
+        assert n > 0
+        msg = c.execute("SELECT detail->>'message' FROM dbguard.events WHERE run_id = %s AND stage = "
+                        "'retrieval_gate_failed'", (dag_run.run_id,)).fetchone()[0]
+    assert "docs.documents.tsv" in msg and "failing queries" in msg, msg
