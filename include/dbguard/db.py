@@ -82,9 +82,9 @@ def connect(conn_id: str, *, autocommit: bool = False, dbname: str | None = None
             f"cannot reach {conn_id!r} ({redact(dsn)}): {first}; check that the server runs and "
             f"{env_var(conn_id)} (or the Airflow connection) points at it"
         ) from None
-    with conn.cursor() as cur:
-        for k, v in SESSION_SETTINGS.items():
-            cur.execute(sql.SQL("SELECT set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v)))
+    conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v))
+        for k, v in SESSION_SETTINGS.items())))  # one round trip
     if not autocommit:
         conn.commit()
     return conn

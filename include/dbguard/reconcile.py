@@ -18,7 +18,7 @@ from psycopg import sql
 
 from . import db
 from .backfill import Throttle, copy_format, fence, orphan_count, stream_rows
-from .checksum import Checksum, checksum, relation, row_hash
+from .checksum import Checksum, Hashing, checksum, relation, row_hash
 from .ranges import KeyRange, key_text, order_by, plan, predicate
 from .spec import MigrationSpec, Table
 
@@ -54,6 +54,7 @@ class Sides:
         self.spec = spec
         self.src = db.source(spec, autocommit=True)
         self.tgt = db.target(spec, autocommit=True)
+        self.hashing = Hashing.between(spec, self.src, self.tgt)
         self.pool = ThreadPoolExecutor(2)
 
     def both(self, fn, *args) -> tuple:
@@ -62,8 +63,7 @@ class Sides:
         return a.result(), b.result()
 
     def checksums(self, table: Table, r: KeyRange | None) -> tuple[Checksum, Checksum]:
-        tol = self.spec.gates.float_tolerance
-        return self.both(checksum, (table, "source", r, tol), (table, "target", r, tol))
+        return self.both(checksum, (table, "source", r, self.hashing), (table, "target", r, self.hashing))
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -71,9 +71,9 @@ class Sides:
         self.tgt.close()
 
 
-def _leaf_rows(conn: psycopg.Connection, table: Table, side: str, r: KeyRange, tol: float) -> dict[tuple, int]:
+def _leaf_rows(conn: psycopg.Connection, table: Table, side: str, r: KeyRange, h: Hashing) -> dict[tuple, int]:
     q = sql.SQL("SELECT {kt}, {h} FROM {t} WHERE {p} ORDER BY {ob}").format(
-        kt=key_text(table), h=row_hash(table, side, tol), t=relation(table, side), p=predicate(table, r),
+        kt=key_text(table), h=row_hash(table, side, h), t=relation(table, side), p=predicate(table, r),
         ob=order_by(table))
     n = len(table.key)
     return {tuple(row[:n]): row[n] for row in conn.execute(q)}
@@ -85,8 +85,7 @@ def locate(sides: Sides, table: Table, r: KeyRange, src_ck: Checksum, tgt_ck: Ch
     if src_ck == tgt_ck:
         return diff
     if max(src_ck.count, tgt_ck.count) <= leaf:
-        tol = sides.spec.gates.float_tolerance
-        s, t = sides.both(_leaf_rows, (table, "source", r, tol), (table, "target", r, tol))
+        s, t = sides.both(_leaf_rows, (table, "source", r, sides.hashing), (table, "target", r, sides.hashing))
         diff.missing = [k for k in s if k not in t]
         diff.extra = [k for k in t if k not in s]
         diff.changed = [k for k in s if k in t and s[k] != t[k]]

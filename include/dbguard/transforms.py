@@ -22,6 +22,12 @@ _BUILTIN = re.compile(
     r"|interval|uuid|json|jsonb|bytea|inet|cidr|macaddr|macaddr8|money|bit|bit varying|varbit|oid|tsvector|xml)"
     r"\b"
 )
+# Types with an extended hash function (usable inside hash_record_extended), and arrays of them.
+_HASHABLE = re.compile(
+    r"^(smallint|integer|int|int2|int4|int8|bigint|numeric|decimal|real|float4|float8|double precision|float"
+    r"|text|character varying|varchar|character|char|bpchar|name|boolean|bool|date|time|timetz|timestamp"
+    r"|timestamptz|interval|uuid|jsonb|bytea|inet|cidr|macaddr|macaddr8|oid)\b"
+)
 _NUMERIC = re.compile(r"^(numeric|decimal)\b")
 _TEXTLIKE = re.compile(r"^(text|character varying|varchar|character|char|bpchar|name|citext)\b")
 
@@ -49,10 +55,15 @@ def source_expr(table: Table, column: Column) -> sql.Composable:
     return sql.Identifier(column.name)
 
 
-def checksum_expr(table: Table, column: Column, side: str, tolerance: float = 1e-6) -> sql.Composable:
+def checksum_expr(table: Table, column: Column, side: str, tolerance: float = 1e-6,
+                  algorithm: str = "hash_record") -> sql.Composable:
     """The canonical expression hashed for this column on `side` ('source' or 'target').
 
     `tolerance` (the spec's gates.float_tolerance) rounds vector components after the transform.
+    `algorithm` is checksum.Hashing's: for "hash_record" the value must have an extended hash
+    function (else its text is hashed) and text hashes under COLLATE "C" (a nondeterministic
+    collation would hash 'A' like 'a'); for "md5" (record_send) numerics are trimmed and
+    extension types, whose OIDs differ between databases, go through text.
     """
     from .stores import search, vector
 
@@ -67,6 +78,12 @@ def checksum_expr(table: Table, column: Column, side: str, tolerance: float = 1e
     else:
         expr = sql.Identifier(column.name)
     t = column.tgt_type
+    if algorithm == "hash_record":
+        if not _HASHABLE.match(t):
+            return sql.SQL("({})::text").format(expr)
+        if _TEXTLIKE.match(t):
+            return sql.SQL('({}) COLLATE "C"').format(expr)
+        return expr
     if _NUMERIC.match(t):
         expr = sql.SQL("trim_scale({})").format(expr) if not t.endswith("]") else expr
     if not is_builtin(t):

@@ -150,7 +150,6 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
             "dry_run": Param(False, type="boolean", description="preflight checks only; nothing is written"),
             "batch_rows": Param(None, type=["null", "integer"], minimum=100,
                                 description=f"rows per key range (spec: {spec.backfill.batch_rows})"),
-            "skip_cutover": Param(False, type="boolean", description="copy and verify, but do not cut over"),
         },
     )
     with dag:
