@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 
 from ..db import qname
+from . import build_or_swap
 from ..spec import MigrationSpec, SearchStore, Table
 
 
@@ -129,17 +130,6 @@ def build_index(conn: psycopg.Connection, table: Table, store: SearchStore) -> d
         """SELECT x.indisvalid, pg_get_indexdef(i.oid) FROM pg_class i JOIN pg_index x ON x.indexrelid = i.oid
            JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = %s AND i.relname = %s""",
         (table.target_schema, name)).fetchone()
-    wanted_cfg = store.config
-    if row is not None and row[0] and all(c.split(".")[-1] == wanted_cfg for c in _CONFIG_IN_TEXT.findall(row[1])):
-        return {"index": name, "action": "kept"}
-    tmp = name[:59] + "_new"
-    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qname(table.target_schema, tmp)))
-    if row is None:
-        conn.execute(index_ddl(table, store, name))
-        return {"index": name, "action": "created"}
-    conn.execute(index_ddl(table, store, tmp))
-    with conn.transaction():
-        conn.execute(sql.SQL("DROP INDEX {}").format(qname(table.target_schema, name)))
-        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(qname(table.target_schema, tmp),
-                                                                 sql.Identifier(name)))
-    return {"index": name, "action": "rebuilt"}
+    matches = None if row is None else bool(
+        row[0] and all(c.split(".")[-1] == store.config for c in _CONFIG_IN_TEXT.findall(row[1])))
+    return build_or_swap(conn, table.target_schema, name, matches, lambda n: index_ddl(table, store, n))

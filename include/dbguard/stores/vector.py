@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from ..db import qname
+from . import build_or_swap
 from ..spec import MigrationSpec, Table, VectorStore, vector_type_dim
 
 OPCLASS = {"l2": "vector_l2_ops", "cosine": "vector_cosine_ops", "ip": "vector_ip_ops"}
@@ -227,20 +228,8 @@ def build_index(conn: psycopg.Connection, table: Table, store: VectorStore) -> d
     if not conn.autocommit:
         raise ValueError("build_index needs an autocommit connection (CREATE INDEX CONCURRENTLY)")
     name = index_name(table, store)
-    tmp = (name[:59] + "_new")
-    state = _index_matches(conn, table, store, name)
-    if state is True:
-        return {"index": name, "action": "kept"}
-    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qname(table.target_schema, tmp)))
-    if state is None:
-        conn.execute(index_ddl(table, store, name))
-        return {"index": name, "action": "created"}
-    conn.execute(index_ddl(table, store, tmp))
-    with conn.transaction():
-        conn.execute(sql.SQL("DROP INDEX {}").format(qname(table.target_schema, name)))
-        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(qname(table.target_schema, tmp),
-                                                                 sql.Identifier(name)))
-    return {"index": name, "action": "rebuilt"}
+    return build_or_swap(conn, table.target_schema, name, _index_matches(conn, table, store, name),
+                         lambda n: index_ddl(table, store, n))
 
 
 def vectors_digest(conn: psycopg.Connection, table: Table, store: VectorStore) -> tuple[int, str]:
