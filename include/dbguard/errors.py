@@ -27,11 +27,3 @@ class PreflightError(DbguardError):
 
 class ConnectionFailed(DbguardError):
     """A database named by a conn_id could not be reached."""
-
-
-class ChecksumMismatch(DbguardError):
-    """Source and target disagree after every repair attempt."""
-
-
-class GateFailed(DbguardError):
-    """A gate found a violated target; the message names every one with its measured value."""

@@ -10,7 +10,6 @@ from typing import Any
 
 from . import capture, db, ledger, preflight as pf, report, retrieval
 from .backfill import copy_range as _copy_range
-from .errors import GateFailed
 from .ranges import KeyRange, plan
 from .reconcile import reconcile_table
 from .spec import MigrationSpec
@@ -154,13 +153,6 @@ def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     if problems:
         return False, "checksum gate failed:\n" + "\n".join(f"  - {p}" for p in problems)
     return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
-
-
-def require_checksum_gate(spec: MigrationSpec, run_id: str) -> str:
-    ok, msg = checksum_gate(spec, run_id)
-    if not ok:
-        raise GateFailed(msg)
-    return msg
 
 
 def release(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
