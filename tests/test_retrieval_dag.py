@@ -3,6 +3,9 @@ cosine on normalised vectors and pass the gate; the analyzer mistake
 (english -> simple) fails the run, naming the drifting queries."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import yaml
 
 from dbguard import corpus
@@ -56,3 +59,10 @@ def test_analyzer_mistake_fails_the_run_naming_queries(airflow_db, dbpair, repor
         msg = c.execute("SELECT detail->>'message' FROM dbguard.events WHERE run_id = %s AND stage = "
                         "'retrieval_gate_failed'", (dag_run.run_id,)).fetchone()[0]
     assert "docs.documents.tsv" in msg and "failing queries" in msg, msg
+    # the incident report carries the gate message and a regression gold set for the postmortem
+    report = json.loads(Path(result["report"]).with_name(Path(result["report"]).name[:-5] + ".json").read_text())
+    inc = report["incident"]
+    assert inc["failed_gates"][0]["gate"] == "retrieval_gate" and "failing queries" in inc["failed_gates"][0]["message"]
+    assert inc["regression_queries"] > 0
+    regression = [json.loads(line) for line in Path(inc["regression_gold"]).read_text().splitlines()]
+    assert len(regression) == inc["regression_queries"] and all("id" in q for q in regression)
