@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
-from . import db
+from . import db, ledger
 from .capture import fence_copy
 from .checksum import Checksum, Hashing, checksum, relation
 from .ranges import KeyRange, predicate
@@ -186,9 +186,10 @@ def _snapshot_checksum(spec: MigrationSpec, table: Table, r: KeyRange, snapshot:
 
 
 def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
-               rows_per_second: int | None = None,
+               rows_per_second: int | None = None, planned: int | None = None,
                before_commit: Callable[[psycopg.Connection], None] | None = None) -> RangeResult:
-    """Copy and verify one range; idempotent. `before_commit` is a test hook (crash simulation)."""
+    """Copy and verify one range; idempotent. `planned` (the plan's range count for the table) is
+    recorded with it, for the completeness check. `before_commit` is a test hook (crash simulation)."""
     table = spec.table(r.table)
     t0 = time.monotonic()
     with db.source(spec) as src, db.target(spec) as tgt:
@@ -210,6 +211,8 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
         src.rollback()
         res.seconds = time.monotonic() - t0
         record_range(tgt, spec, run_id, r, "verified" if res.ok else "mismatch", res)
+        if planned is not None:
+            ledger.set_metric(tgt, run_id, spec.name, f"planned_ranges.{r.table}", planned, commit=False)
         if before_commit:
             before_commit(tgt)
         tgt.commit()

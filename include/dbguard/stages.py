@@ -68,11 +68,9 @@ def plan_ranges(spec: MigrationSpec, run_id: str, table: str, *, batch_rows: int
 def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]:
     """Copy one range (idempotent), verify count+checksum+orphans."""
     r = KeyRange.from_dict(krange)
-    res = _copy_range(spec, run_id, r, rows_per_second=spec.backfill.max_rows_per_second)
-    if "planned" in krange:
-        with db.target(spec) as tgt:
-            ledger.set_metric(tgt, run_id, spec.name, f"planned_ranges.{r.table}", int(krange["planned"]))
-    return res.to_dict()
+    planned = int(krange["planned"]) if krange.get("planned") is not None else None
+    return _copy_range(spec, run_id, r, rows_per_second=spec.backfill.max_rows_per_second,
+                       planned=planned).to_dict()
 
 
 def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, Any]:
