@@ -20,12 +20,12 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import psycopg
-from psycopg import sql
 
 warnings.filterwarnings("ignore")
 
-from dbguard import embedded  # noqa: E402
 from dbguard.spec import parse_spec  # noqa: E402
+
+from bench.common import fresh_databases  # noqa: E402
 
 WIDE_COLUMNS = [{"name": "id", "type": "bigint"}, {"name": "title", "type": "text"}, {"name": "body", "type": "text"},
                 {"name": "vec", "type": "real[]"}, {"name": "created_at", "type": "timestamptz"}]
@@ -42,19 +42,6 @@ def line(bench: str, rows: int, seconds: float, baseline: str, baseline_seconds:
            "baseline_seconds": round(baseline_seconds, 3), "speed_ratio": round(baseline_seconds / seconds, 3),
            **extra}
     print(json.dumps(out), flush=True)
-    return out
-
-
-def fresh_databases(name: str) -> dict[str, str]:
-    uris = embedded.ensure_default()
-    out = {}
-    for conn_id, uri in uris.items():
-        with psycopg.connect(uri, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            c.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-                      .format(sql.Identifier(name)))
-        out[conn_id] = embedded.with_dbname(uri, name)
-    embedded.export_env(out, override=True)
     return out
 
 

@@ -15,55 +15,35 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/writer.py: the application that writes
+sys.path.insert(0, str(ROOT))
 
-from dbguard import capture, embedded  # noqa: E402
+from bench.common import drop_databases, fresh_databases  # noqa: E402
+from dbguard import capture, stages  # noqa: E402
 from dbguard.demo import load_shop  # noqa: E402
 from dbguard.spec import load_spec  # noqa: E402
 
-from test_capture import copy_tables, create_target  # noqa: E402
 from writer import BackgroundWriter  # noqa: E402
 
 
-class _Pair:
-    def __init__(self, src_dsn, tgt_dsn):
-        self.src_dsn, self.tgt_dsn = src_dsn, tgt_dsn
-
-    def src(self, **kw):
-        return psycopg.connect(self.src_dsn, **kw)
-
-    def tgt(self, **kw):
-        return psycopg.connect(self.tgt_dsn, **kw)
-
-
-def _db(server: str, name: str, drop: bool = False) -> str:
-    with psycopg.connect(server, autocommit=True) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if not drop:
-            c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
-                      .format(sql.Identifier(name)))
-    return embedded.with_dbname(server, name)
-
-
 def main(ops: int = int(os.environ.get("BENCH_CAPTURE_OPS", "4000"))) -> None:
-    uris = embedded.ensure_default(ROOT / ".pg")
     name = "bench_capture_" + uuid.uuid4().hex[:6]
-    src, tgt = _db(uris["dbguard_source"], name), _db(uris["dbguard_target"], name)
-    os.environ["AIRFLOW_CONN_DBGUARD_SOURCE"], os.environ["AIRFLOW_CONN_DBGUARD_TARGET"] = src, tgt
+    dsns = fresh_databases(name)
+    src = dsns["dbguard_source"]
     try:
         load_shop(src, customers=20_000, orders=80_000)
         spec = load_spec(ROOT / "include/migrations/demo_shop.yaml")
-        create_target(tgt, spec)
-        pair = _Pair(src, tgt)
+        run_id = "bench-" + name
+        stages.preflight(spec, run_id)
         sync_ops = max(ops // 4, 200)
         off = BackgroundWriter(src, seed=1, rate=None, max_ops=ops).start().wait()
         off_sync = BackgroundWriter(src, seed=3, rate=None, max_ops=sync_ops, synchronous_commit="on").start().wait()
-        run_id = "bench-" + name
-        capture.capture_on(spec, run_id)
-        copy_tables(pair, spec)
+        stages.capture_on(spec, run_id)
+        for t in spec.table_order():  # the real backfill
+            for r in stages.plan_ranges(spec, run_id, t.name):
+                stages.copy_range(spec, run_id, r)
         on = BackgroundWriter(src, seed=2, rate=None, max_ops=ops).start().wait()
         on_sync = BackgroundWriter(src, seed=4, rate=None, max_ops=sync_ops, synchronous_commit="on").start().wait()
         print(json.dumps({"bench": "capture", "rows": on["ops"], "seconds": on["seconds"], "baseline": off["ops"],
@@ -82,15 +62,14 @@ def main(ops: int = int(os.environ.get("BENCH_CAPTURE_OPS", "4000"))) -> None:
         t0 = time.monotonic()
         res = capture.drain(spec, run_id)
         secs = time.monotonic() - t0
-        capture.capture_off(spec, run_id)
+        stages.release(spec, run_id)
         print(json.dumps({"bench": "capture_apply_mixed", "rows": mixed["applied"], "seconds": mixed["seconds"],
                           "rows_per_second": mixed["rows_per_second"], "goal_rows_per_second": 2000}))
         print(json.dumps({"bench": "capture_apply", "rows": res["applied"], "seconds": round(secs, 3),
                           "rows_per_second": round(res["applied"] / secs, 1), "batches": res["batches"],
                           "lag": res["lag"], "dual_write_fail": res["dual_write_fail"], "goal_rows_per_second": 2000}))
     finally:
-        _db(uris["dbguard_source"], name, drop=True)
-        _db(uris["dbguard_target"], name, drop=True)
+        drop_databases(name)
 
 
 if __name__ == "__main__":
