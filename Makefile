@@ -24,7 +24,22 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help demo test bench airflow clean distclean
+.PHONY: help demo test bench airflow clean distclean sysdeps
+
+# Debian packages the tests and demos run for real: PgBouncer (cutover pointer), Redis (Celery
+# broker), Chromium (browser test). Installed when missing and we are root (CI, fresh machines);
+# otherwise say what is missing and go on (the tests that need them say so too).
+SYSDEPS := pgbouncer:pgbouncer redis-server:redis-server chromium:chromium
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "==> installing Debian packages:$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "==> not root: please install$$missing (apt-get install$$missing)"; fi; \
+	fi
 
 help:
 	@sed -n '2,7s/^#//p' $(firstword $(MAKEFILE_LIST))
@@ -46,10 +61,10 @@ $(AIRFLOW_STAMP): $(VENV_STAMP)
 		|| { cat $(AIRFLOW_HOME)/migrate.log; echo "airflow db migrate failed (log: $(AIRFLOW_HOME)/migrate.log)"; exit 1; }
 	@touch $@
 
-demo: $(VENV_STAMP) $(AIRFLOW_STAMP)
+demo: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 	$(BIN)/dbguard demo
 
-test: $(VENV_STAMP) $(AIRFLOW_STAMP)
+test: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning
 
 bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
