@@ -7,8 +7,10 @@ bytea_output), so text produced on source and target is comparable.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import sql
@@ -37,6 +39,16 @@ def set_resolver(fn: Callable[[str], str | None] | None) -> None:
     _resolver = fn
 
 
+# The Airflow layer installs its secrets masker here, so task logs never show a password that a
+# connection URI carried, whatever prints it.
+_masker: Callable[[str], None] | None = None
+
+
+def set_masker(fn: Callable[[str], None] | None) -> None:
+    global _masker
+    _masker = fn
+
+
 def env_var(conn_id: str) -> str:
     return f"AIRFLOW_CONN_{conn_id.upper()}"
 
@@ -55,17 +67,42 @@ def dsn_for(conn_id: str) -> str:
         )
     if uri.startswith("postgres://"):  # Airflow's scheme; libpq wants postgresql://
         uri = "postgresql://" + uri[len("postgres://"):]
+    if _masker is not None:
+        for secret in secrets_in(uri):
+            _masker(secret)
     return uri
 
 
 def redact(dsn: str) -> str:
-    """A DSN safe to print: the password replaced."""
+    """A DSN safe to print: user@host:port/dbname, never the password."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
-        return "<unparseable dsn>"
+        return "<unparseable connection URI>"
     host = info.get("host", "")
     return f"{info.get('user', '')}@{host or 'localhost'}:{info.get('port', '5432')}/{info.get('dbname', '')}"
+
+
+_URI_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^:/@?#]*:([^@/?#]*)@", re.I)
+_KV_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def secrets_in(dsn: str) -> list[str]:
+    """Every spelling of the password a DSN carries (raw and %-decoded), to scrub from messages.
+    Works on DSNs libpq itself cannot parse (a bad %-escape is exactly when errors quote them)."""
+    found = []
+    for pat in (_URI_PASSWORD, _KV_PASSWORD):
+        for m in pat.finditer(dsn):
+            raw = m.group(1).strip("'")
+            found += [raw, unquote(raw)]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def scrub(text: str, dsn: str) -> str:
+    """`text` with every password of `dsn` replaced by ***."""
+    for secret in secrets_in(dsn):
+        text = text.replace(secret, "***")
+    return text
 
 
 def connect(conn_id: str, *, autocommit: bool = False, dbname: str | None = None,
@@ -76,10 +113,12 @@ def connect(conn_id: str, *, autocommit: bool = False, dbname: str | None = None
         kwargs["dbname"] = dbname
     try:
         conn = psycopg.connect(dsn, **kwargs)
-    except psycopg.OperationalError as e:
+    except psycopg.Error as e:  # OperationalError (unreachable) and ProgrammingError (malformed URI)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("the connection URI is malformed (a %-escape in the password? write % as %25)"
+                if isinstance(e, psycopg.ProgrammingError) else "check that the server runs")
         raise ConnectionFailed(
-            f"cannot reach {conn_id!r} ({redact(dsn)}): {first}; check that the server runs and "
+            f"cannot reach {conn_id!r} ({redact(dsn)}): {scrub(first, dsn)}; {hint} and that "
             f"{env_var(conn_id)} (or the Airflow connection) points at it"
         ) from None
     conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(

@@ -90,8 +90,12 @@ def _airflow_conn_uri(conn_id: str) -> str | None:
 
 
 def install_resolver() -> None:
-    """Let dbguard.db resolve conn ids through Airflow (env AIRFLOW_CONN_<ID> still wins)."""
+    """Let dbguard.db resolve conn ids through Airflow (env AIRFLOW_CONN_<ID> still wins), and hand
+    every password a resolved URI carries to Airflow's secrets masker (task logs show ***)."""
+    from airflow.sdk.log import mask_secret
+
     db.set_resolver(_airflow_conn_uri)
+    db.set_masker(mask_secret)
 
 
 @lru_cache(maxsize=64)
