@@ -50,6 +50,23 @@ def _load(path: str) -> MigrationSpec:
     return load_spec(path)
 
 
+def batch_rows_arg(value: str) -> int:
+    """--batch-rows gets the spec's own bounds (backfill.batch_rows), so a flag cannot do what a spec may not."""
+    from .spec import Backfill
+
+    lo, hi = (next(getattr(m, a) for m in Backfill.model_fields["batch_rows"].metadata if hasattr(m, a))
+              for a in ("ge", "le"))
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; give rows per key range, "
+                                         f"{lo}..{hi}") from None
+    if not lo <= n <= hi:
+        raise argparse.ArgumentTypeError(f"{n} is out of range; give rows per key range, {lo}..{hi} "
+                                         "(as backfill.batch_rows in the spec)")
+    return n
+
+
 def embedded_uris(*, reset_target: bool = False) -> dict[str, str]:
     """Start (or reuse) the two embedded servers; URIs of database `dbguard_demo` on each.
 
@@ -95,8 +112,16 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from . import stages
 
+    from . import preflight
+    from .errors import ConnectionFailed, PreflightError
+
     spec = _load(args.spec)
     use_embedded_if_default(spec)
+    try:  # every read-only check first: a plan of a migration that preflight would refuse is no plan
+        preflight.validate(spec)
+    except (PreflightError, ConnectionFailed) as e:
+        print(f"dbguard plan: {args.spec}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     run_id = "plan__" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     bf, g = spec.backfill, spec.gates
     print(f"migration {spec.name} (DAG {spec.dag_id}): {spec.source.conn_id} -> {spec.target.conn_id}")
@@ -273,12 +298,12 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_validate)
     pl = sub.add_parser("plan", help="tables, key ranges, gates and window; reads only")
     pl.add_argument("spec")
-    pl.add_argument("--batch-rows", type=int)
+    pl.add_argument("--batch-rows", type=batch_rows_arg)
     pl.set_defaults(fn=cmd_plan)
     r = sub.add_parser("run", help="run the spec's DAG in-process (dag.test); last stdout line is JSON")
     r.add_argument("spec")
     r.add_argument("--dry-run", action="store_true", help="preflight checks only")
-    r.add_argument("--batch-rows", type=int, help="rows per key range (overrides the spec)")
+    r.add_argument("--batch-rows", type=batch_rows_arg, help="rows per key range (overrides the spec)")
     r.add_argument("--conf", action="append", metavar="KEY=VALUE", help="DAG run conf (value parsed as JSON)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="load demo data into embedded servers and migrate it")

@@ -82,7 +82,8 @@ class _At(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: YAML `concurrency: true` or `batch_rows: "5"` is refused, not coerced to 1 or 5
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class Endpoint(_Model):
@@ -597,13 +598,53 @@ def parse_spec(raw: Any, path: str = "<spec>") -> MigrationSpec:
         raise SpecError(path, problems) from None
 
 
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000  # YAML values after expanding aliases; a real spec has a few thousand
+
+
+def _expanded_nodes(text: str) -> int:
+    """How many values the YAML holds once aliases are expanded, counted without expanding them
+    (a "billion laughs" file is a few lines that expand to 10^9 values)."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a cycle counts once
+        kids = node.value if isinstance(node, yaml.SequenceNode) else \
+            [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else []
+        n = 1 + sum(size(k) for k in kids)
+        sizes[id(node)] = n
+        return n
+
+    return size(root) if root is not None else 0
+
+
 def load_spec(path: str | Path) -> MigrationSpec:
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(str(p), [("(file)", "is a directory; pass the path of one migration YAML file, "
+                                            "e.g. include/migrations/demo_shop.yaml")])
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise SpecError(str(p), [("(file)", "no such file; pass the path of a migration YAML")]) from None
+    except OSError as e:
+        raise SpecError(str(p), [("(file)", f"cannot read it ({e.strerror}); check the path and permissions")]) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(str(p), [("(file)", f"{len(data)} bytes is not a migration spec (limit {MAX_SPEC_BYTES}); "
+                                            "pass the YAML spec, not a data file")])
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SpecError(str(p), [(f"line {line}", f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                                                  "save the spec as UTF-8")]) from None
+    try:
+        if (n := _expanded_nodes(text)) > MAX_SPEC_NODES:
+            raise SpecError(str(p), [("(file)", f"expands to {n:,} values through YAML aliases (*name), more than "
+                                                f"{MAX_SPEC_NODES:,}: an alias bomb, not a spec; write values out")])
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
