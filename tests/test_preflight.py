@@ -15,9 +15,17 @@ def acct_spec(columns=COLS, **top):
     return spec([{"name": "acct", "key": ["id"], "columns": columns}], **top)
 
 
+LEDGER_TABLES = {"runs", "events", "ranges", "metrics", "manifest"}
+
+
 def assert_nothing_written(dbpair):
+    """No migrated object anywhere; the target's ledger may hold the refusal itself (event preflight_failed)."""
     with dbpair.tgt() as c:
-        assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'dbguard'").fetchone()[0] == 0
+        ledger = {r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'dbguard'")}
+        assert ledger <= LEDGER_TABLES
+        if ledger:
+            assert {r[0] for r in c.execute("SELECT DISTINCT stage FROM dbguard.events")} <= {"preflight_failed"}
+            assert c.execute("SELECT count(*) FROM dbguard.runs").fetchone()[0] == 0
         assert c.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
     with dbpair.src() as c:
         assert c.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0

@@ -101,8 +101,40 @@ def use_embedded_if_default(spec: MigrationSpec) -> dict[str, str]:
 
 # ---- validate / plan ----------------------------------------------------------------
 
+def undefined_connections(spec: MigrationSpec) -> list[tuple[str, str]]:
+    """(field, message) for each conn_id nothing defines: not AIRFLOW_CONN_<ID>, not the embedded
+    default, not an Airflow connection (asked only when the first two miss, since it imports Airflow)."""
+    problems = []
+    for field, conn_id in (("source.conn_id", spec.source.conn_id), ("target.conn_id", spec.target.conn_id)):
+        if os.environ.get(db.env_var(conn_id)) or conn_id in embedded.DEFAULT_CONN_IDS:
+            continue
+        from .airflow import env
+
+        env.airflow_defaults()
+        if env.airflow_connection_uri(conn_id) is None:
+            problems.append((field, f"connection {conn_id!r} is not defined: set {db.env_var(conn_id)}="
+                                    "postgresql://user:pass@host:5432/db or add it in Airflow (Admin > Connections)"))
+    return problems
+
+
+def gold_problems(spec: MigrationSpec) -> list[tuple[str, str]]:
+    """The gold set is a file the spec names: validate reads it like the retrieval stages will."""
+    if spec.gold is None:
+        return []
+    from . import retrieval
+
+    dims = {v.dim for t in spec.tables for v in t.vector}
+    try:
+        retrieval.load_gold(retrieval.gold_path(spec), dims.pop() if len(dims) == 1 else None)
+    except retrieval.GoldSetError as e:
+        return [("gold", str(e))]
+    return []
+
+
 def cmd_validate(args) -> int:
     spec = _load(args.spec)
+    if problems := undefined_connections(spec) + gold_problems(spec):
+        raise SpecError(args.spec, problems)
     print(f"{args.spec}: valid. migration {spec.name!r} (DAG {spec.dag_id}), "
           f"{spec.source.conn_id} -> {spec.target.conn_id}, tables: "
           + ", ".join(f"{t.schema_}.{t.name}" for t in spec.table_order()))
@@ -213,8 +245,31 @@ def _run_and_print(spec_path: str, conf: dict, real_stdout) -> int:
     return EXIT_OK if result.get("status") in ("success", "dry_run") else EXIT_FAILED
 
 
+def preflight_refusal(spec: MigrationSpec) -> str | None:
+    """Run preflight's read-only checks before starting Airflow: a refused run returns in seconds, with
+    its reason on stderr, in the JSON line and (when the target is reachable) in the ledger's runs row."""
+    from . import preflight
+    from .errors import ConnectionFailed, PreflightError
+
+    use_embedded_if_default(spec)
+    try:
+        preflight.validate(spec)
+        return None
+    except (PreflightError, ConnectionFailed) as e:
+        reason = str(e)
+    with contextlib.suppress(DbguardError, psycopg.Error), db.target(spec) as conn:
+        ledger.ensure(conn)
+        run_id = "refused__" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        ledger.finish_run(conn, run_id, spec.name, "refused", reason)
+    return reason
+
+
 def cmd_run(args) -> int:
-    _load(args.spec)  # a bad spec exits 2 before anything starts
+    spec = _load(args.spec)  # a bad spec exits 2 before anything starts
+    if not args.dry_run and (reason := preflight_refusal(spec)):
+        say(reason)
+        print(ledger.result_line({"migration": spec.name, "status": "failed", "reason": reason}), flush=True)
+        return EXIT_USAGE
     conf = _conf(args.conf or [])
     if args.dry_run:
         conf["dry_run"] = True

@@ -18,7 +18,7 @@ SCHEMA = "dbguard"
 
 # Names fixed by the brief; `result_line` prints them in this order.
 RESULT_KEYS = ("migration", "status", "migrated_rows", "checksum_ok", "dual_write_fail",
-               "delta_s_diff", "lambda_state", "cutover_ms", "report")
+               "delta_s_diff", "lambda_state", "cutover_ms", "report", "reason")
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS dbguard;
@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS dbguard.runs (
     status text NOT NULL DEFAULT 'running',
     spec jsonb
 );
+ALTER TABLE dbguard.runs ADD COLUMN IF NOT EXISTS reason text;
 CREATE TABLE IF NOT EXISTS dbguard.events (
     id bigserial PRIMARY KEY,
     run_id text NOT NULL,
@@ -99,13 +100,24 @@ def start_run(conn: psycopg.Connection, run_id: str, migration: str, spec: dict 
     conn.commit()
 
 
-def finish_run(conn: psycopg.Connection, run_id: str, migration: str, status: str) -> None:
-    """Close the run; a run that failed before start_run (e.g. in preflight) gets its row here."""
+def finish_run(conn: psycopg.Connection, run_id: str, migration: str, status: str,
+               reason: str | None = None) -> None:
+    """Close the run with why it ended that way; a run that failed before start_run (e.g. in preflight)
+    gets its row here."""
     conn.execute(
-        """INSERT INTO dbguard.runs (run_id, migration, status, finished_at) VALUES (%s, %s, %s, clock_timestamp())
-           ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at""",
-        (run_id, migration, status))
+        """INSERT INTO dbguard.runs (run_id, migration, status, finished_at, reason)
+           VALUES (%s, %s, %s, clock_timestamp(), %s)
+           ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+                                              reason = coalesce(EXCLUDED.reason, dbguard.runs.reason)""",
+        (run_id, migration, status, reason))
     conn.commit()
+
+
+def failure_reasons(conn: psycopg.Connection, run_id: str) -> str | None:
+    """The messages every failed stage recorded (events '<stage>_failed'), oldest first; None if none."""
+    rows = conn.execute("SELECT stage, detail->>'message' FROM dbguard.events WHERE run_id = %s "
+                        "AND stage LIKE '%%\_failed' ORDER BY id", (run_id,)).fetchall()
+    return "\n".join(f"{stage.removesuffix('_failed')}: {msg}" for stage, msg in rows) or None
 
 
 def event(conn: psycopg.Connection, run_id: str, migration: str, stage: str, detail: dict | None = None, *,

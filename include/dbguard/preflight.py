@@ -72,11 +72,23 @@ def _key_is_unique(conn: psycopg.Connection, table: Table) -> bool:
     return any(sorted(cols) == sorted(table.key) for (cols,) in rows)
 
 
+def _schema_usable(conn: psycopg.Connection, schema: str) -> bool | None:
+    """None: no such schema; False: it exists but this role lacks USAGE (to_regclass would raise)."""
+    row = conn.execute("SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = %s",
+                       (schema,)).fetchone()
+    return None if row is None else row[0]
+
+
 def _contract(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
     problems = []
+    role = conn.execute("SELECT current_user").fetchone()[0]
     for t in spec.tables:
         where = f"tables[{t.name}]"
-        cols = _columns(conn, t.schema_, t.name)
+        usable = _schema_usable(conn, t.schema_)
+        if usable is False:
+            problems.append(f"{where}: source: missing privilege: {_grant('USAGE', 'SCHEMA ' + t.schema_, role)}")
+            continue
+        cols = _columns(conn, t.schema_, t.name) if usable else None
         if cols is None:
             problems.append(f"{where}: source table {t.schema_}.{t.name} does not exist (or is not visible to "
                             f"this role); fix schema/name in the spec")
@@ -105,10 +117,10 @@ def _source_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[st
                                    ).fetchone()
     for t in spec.tables:
         fq = f'"{t.schema_}"."{t.name}"'
+        if not _schema_usable(conn, t.schema_):  # missing, or no USAGE (reported by the contract check)
+            continue
         if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
             continue
-        if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE')", (t.schema_,)).fetchone()[0]:
-            problems.append(f"source: missing privilege: {_grant('USAGE', 'SCHEMA ' + t.schema_, role)};")
         for priv in ("SELECT", "TRIGGER"):
             if not conn.execute("SELECT has_table_privilege(%s, %s)", (fq, priv)).fetchone()[0]:
                 problems.append(f"source: missing privilege: {_grant(priv, f'TABLE {t.schema_}.{t.name}', role)}")

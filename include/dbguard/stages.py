@@ -6,12 +6,16 @@ arguments and calls these.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+
+import psycopg
 
 from . import capture, db, ledger, preflight as pf, report, retrieval
 from .backfill import copy_range as _copy_range
 from .ranges import KeyRange, plan
 from .reconcile import reconcile_table
+from .errors import DbguardError, PreflightError
 from .spec import MigrationSpec
 
 
@@ -21,8 +25,15 @@ def _event(spec: MigrationSpec, run_id: str, stage: str, detail: dict, **kw) -> 
 
 
 def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dict[str, Any]:
-    """Read-only checks (contract, privileges, headroom), then target creation + schema freeze."""
-    checks = pf.validate(spec)
+    """Read-only checks (contract, privileges, headroom), then target creation + schema freeze.
+    A refusal is recorded as event preflight_failed (when the target is reachable) before it is raised."""
+    try:
+        checks = pf.validate(spec)
+    except PreflightError as e:
+        with contextlib.suppress(DbguardError, psycopg.Error), db.target(spec) as tgt:
+            ledger.ensure(tgt)  # the ledger may not exist yet: preflight is what creates it
+            ledger.event(tgt, run_id, spec.name, "preflight_failed", {"message": str(e)})
+        raise
     if dry_run:
         return {"dry_run": True, **checks}
     applied = pf.apply(spec, run_id)
@@ -213,8 +224,10 @@ def finalize(spec: MigrationSpec, run_id: str, status: str) -> dict[str, Any]:
         return {"migration": spec.name, "status": status, **{k: None for k in ledger.RESULT_KEYS[2:]}}
     with db.target(spec) as tgt:
         ledger.ensure(tgt)
-        ledger.finish_run(tgt, run_id, spec.name, status)
+        reason = ledger.failure_reasons(tgt, run_id) if status not in ("success", "dry_run") else None
+        ledger.finish_run(tgt, run_id, spec.name, status, reason)
         m = ledger.metrics(tgt, run_id)
-        values = {"migration": spec.name, "status": status, **{k: m.get(k) for k in ledger.RESULT_KEYS[2:]}}
+        values = {"migration": spec.name, "status": status, **{k: m.get(k) for k in ledger.RESULT_KEYS[2:]},
+                  "reason": reason}
         values["report"] = str(report.write(spec, run_id, tgt, values))
     return values

@@ -89,6 +89,19 @@ def _airflow_conn_uri(conn_id: str) -> str | None:
         return None
 
 
+def airflow_connection_uri(conn_id: str) -> str | None:
+    """Outside a task (the CLI): the connection from Airflow's secrets backends or metadata DB, else None."""
+    uri = _airflow_conn_uri(conn_id)
+    if uri is not None:
+        return uri
+    try:
+        from airflow.models.connection import Connection
+
+        return Connection.get_connection_from_secrets(conn_id).get_uri()
+    except Exception:  # not defined, or no metadata DB yet
+        return None
+
+
 def install_resolver() -> None:
     """Let dbguard.db resolve conn ids through Airflow (env AIRFLOW_CONN_<ID> still wins), and hand
     every password a resolved URI carries to Airflow's secrets masker (task logs show ***)."""
