@@ -146,7 +146,8 @@ def bench_reconcile(rows: int) -> None:
 
 
 BENCHES = {"backfill": bench_backfill, "reconcile": bench_reconcile}
-EXTERNAL = {"capture": "bench.capture", "shadow_reads": "bench.shadow_reads"}
+EXTERNAL = {"capture": "bench.capture", "shadow_reads": "bench.shadow_reads",
+            "airflow_overhead": "bench.airflow_overhead"}
 
 
 def main(argv: list[str] | None = None) -> int:
