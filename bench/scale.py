@@ -1,0 +1,236 @@
+"""Benchmark `scale`: the whole DAG on 1,000,000 and 10,000,000 rows under a live writer, memory flat.
+
+For each size: load the wide bench table (id, title, body, real[64], timestamptz; ~600 bytes a row), start a
+writer (~200 ops/s of inserts, updates and deletes that follows the pointer: it writes wherever
+`dbguard.control` says the application writes, and re-reads it when a fenced primary refuses it), run the
+spec's DAG through `dag.test()` in a child process (so its peak RSS is that size's alone: `os.wait4`), stop
+the writer, drain what is still in flight, then compare source and target row for row, independently of
+dbguard (md5 of every row's text, streamed in key order from both sides and merged).
+
+One JSON line: {"bench": "scale", "rows", "seconds_per_stage", "rows_per_s", "peak_rss_mb", "rss_growth",
+"lost", ...} where rss_growth = peak RSS at the largest size / peak RSS at the smallest (largest process).
+Goal: time linear in rows, rss_growth <= 1.5, lost 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import drop_databases, fresh_databases  # noqa: E402
+
+NAME = "bench_scale"
+SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_ROWS", "1000000,10000000").split(",")]
+
+
+class PointerWriter:
+    """An application: one autocommit transaction per insert/update/delete on bench.items, at `rate` ops/s,
+    writing to whichever side dbguard.control names; it remembers the last value it wrote per key."""
+
+    def __init__(self, dsns: dict[str, str], rate: float = 200, seed: int = 11, id_base: int = 2_000_000_000):
+        self.dsns, self.rate, self.rng = dsns, rate, random.Random(seed)
+        self.next_id, self.ops, self.errors, self.switches = id_base, 0, [], 0
+        self.max_stall = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _primary(self, src: psycopg.Connection) -> str:
+        row = None
+        if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
+            cols = {r[0] for r in src.execute("SELECT attname FROM pg_attribute WHERE attrelid = "
+                                              "'dbguard.control'::regclass AND attnum > 0")}
+            col = "write_target" if "write_target" in cols else "CASE WHEN read_source THEN 'source' ELSE 'target' END"
+            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s", (NAME,)).fetchone()
+        return (row[0] if row and row[0] else "source")
+
+    def _one(self, conn: psycopg.Connection) -> None:
+        kind = self.rng.choices(["insert", "update", "delete"], [4, 5, 1])[0]
+        if kind == "insert":
+            self.next_id += 1
+            conn.execute("INSERT INTO bench.items (id, title, body, vec, created_at) VALUES "
+                         "(%s, %s, 'written by the scale bench', '{1,2,3}', clock_timestamp())",
+                         (self.next_id, f"w{self.ops}"))
+        elif kind == "update":
+            conn.execute("UPDATE bench.items SET title = %s WHERE id = %s", (f"u{self.ops}", self.rng.randint(1, 1000)))
+        else:
+            conn.execute("DELETE FROM bench.items WHERE id = %s", (self.rng.randint(1001, 5000),))
+
+    def _run(self) -> None:
+        conns = {side: psycopg.connect(dsn, autocommit=True) for side, dsn in self.dsns.items()}
+        t0 = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                side = self._primary(conns["source"])
+                began = time.monotonic()
+                try:
+                    self._one(conns[side])
+                    self.ops += 1
+                except psycopg.Error as e:  # a fenced old primary: follow the pointer and go on
+                    self.errors.append(f"{side}: {str(e).splitlines()[0]}")
+                    self.switches += 1
+                self.max_stall = max(self.max_stall, time.monotonic() - began)
+                ahead = self.ops / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        finally:
+            for c in conns.values():
+                c.close()
+
+    def start(self) -> "PointerWriter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(60)
+        return {"writer_ops": self.ops, "writer_errors": len(self.errors), "writer_max_stall_ms":
+                round(self.max_stall * 1000, 1), "writer_first_error": self.errors[:1]}
+
+
+def row_diff(src: str, tgt: str, batch: int = 50_000) -> int:
+    """Rows that differ between the two sides (missing, extra or changed), streamed in key order."""
+    q = "SELECT id, md5(t::text) FROM bench.items t ORDER BY id"
+    with psycopg.connect(src) as a, psycopg.connect(tgt) as b:
+        ca, cb = a.cursor(name="scale_a"), b.cursor(name="scale_b")
+        ca.itersize = cb.itersize = batch
+        ca.execute(q)
+        cb.execute(q)
+        ia, ib = iter(ca), iter(cb)
+        ra, rb, diff = next(ia, None), next(ib, None), 0
+        while ra is not None or rb is not None:
+            if rb is None or (ra is not None and ra[0] < rb[0]):
+                diff, ra = diff + 1, next(ia, None)
+            elif ra is None or rb[0] < ra[0]:
+                diff, rb = diff + 1, next(ib, None)
+            else:
+                diff += ra[1] != rb[1]
+                ra, rb = next(ia, None), next(ib, None)
+        return diff
+
+
+def _spec_file(tmp: Path) -> Path:
+    import yaml
+
+    from bench.__main__ import wide_spec
+
+    raw = wide_spec(concurrency=2).model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    raw.pop("backfill", None)  # the defaults are what is measured
+    raw["backfill"] = {"concurrency": 2}
+    raw["name"] = NAME
+    raw["window"] = {"start": "00:00", "end": "23:59"}
+    path = tmp / f"{NAME}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def child(spec_path: str) -> None:
+    """In the child: run the DAG once, print per-stage seconds and the result as JSON (last line)."""
+    from airflow import settings
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+
+    from dbguard.airflow import env
+
+    env.airflow_defaults()
+    env.ensure_metadata_db()
+    os.environ["DBGUARD_SPECS"] = spec_path
+    dag = DagBag(str(env.DAGS_FOLDER)).dags[f"dbguard_{NAME}"]
+    t0 = time.monotonic()
+    dag_run = dag.test()
+    wall = time.monotonic() - t0
+    stages: dict[str, float] = {}
+    with settings.Session() as s:
+        for ti in s.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
+                                               TaskInstance.run_id == dag_run.run_id):
+            if ti.start_date and ti.end_date:
+                stage = ti.task_id.split(".")[-1] if ti.task_id.endswith(("copy_range", "plan_ranges")) else ti.task_id
+                stages[stage] = stages.get(stage, 0.0) + (ti.end_date - ti.start_date).total_seconds()
+    result = env.run_result(dag_run) or {}
+    print(json.dumps({"wall": wall, "stages": {k: round(v, 2) for k, v in stages.items()},
+                      "status": result.get("status"), "checksum_ok": result.get("checksum_ok"),
+                      "cutover_ms": result.get("cutover_ms")}), flush=True)
+
+
+def one_size(rows: int, tmp: Path) -> dict:
+    from dbguard import capture, demo
+    from dbguard.spec import load_spec
+
+    dsns = fresh_databases(NAME)
+    t0 = time.monotonic()
+    demo.load_wide(dsns["dbguard_source"], "bench.items", rows)
+    load_s = time.monotonic() - t0
+    spec_path = _spec_file(tmp)
+    writer = PointerWriter({"source": dsns["dbguard_source"], "target": dsns["dbguard_target"]}).start()
+    log = open(tmp / f"dag_{rows}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--child", str(spec_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Popen.wait would discard it)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    if proc.returncode != 0:
+        writer.stop()
+        raise RuntimeError(f"the DAG run for {rows} rows exited {proc.returncode}; see {log.name}")
+    time.sleep(2)  # a few writes after the run, through the pointer
+    wstats = writer.stop()
+    spec = load_spec(spec_path)
+    last = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    # What the writer did after the run ended is still in flight: drain it before comparing.
+    run_id = None
+    with psycopg.connect(dsns["dbguard_target"]) as c:
+        run_id = c.execute("SELECT run_id FROM dbguard.runs ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+    for direction in ("forward", "reverse"):
+        try:
+            if capture.is_on(spec, direction=direction):
+                capture.drain(spec, run_id, direction=direction)
+        except TypeError:  # a capture without directions (before the cutover work): forward only
+            if direction == "forward" and capture.is_on(spec):
+                capture.drain(spec, run_id)
+    lost = row_diff(dsns["dbguard_source"], dsns["dbguard_target"])
+    return {"rows": rows, "load_seconds": round(load_s, 1), "dag_seconds": round(last["wall"], 1),
+            "seconds_per_stage": last["stages"], "status": last["status"], "checksum_ok": last["checksum_ok"],
+            "cutover_ms": last["cutover_ms"], "peak_rss_mb": round(_child_rss_mb(usage), 1), "lost": lost,
+            **wstats}
+
+
+def _child_rss_mb(usage) -> float:
+    return usage.ru_maxrss / 1024  # kB on Linux
+
+
+def main() -> None:
+    from dbguard.airflow import env
+
+    env.airflow_defaults()
+    env.ensure_metadata_db()
+    tmp = Path(tempfile.mkdtemp(prefix="dbguard-scale-"))
+    try:
+        results = [one_size(n, tmp) for n in SIZES]
+    finally:
+        drop_databases(NAME)
+    small, big = results[0], results[-1]
+    ratio = big["rows"] / small["rows"]
+    print(json.dumps({"bench": "scale", "rows": big["rows"], "seconds_per_stage": big["seconds_per_stage"],
+                      "rows_per_s": round(big["rows"] / big["dag_seconds"]),
+                      "peak_rss_mb": big["peak_rss_mb"], "rss_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+                      "lost": sum(r["lost"] for r in results),
+                      "time_growth": round(big["dag_seconds"] / small["dag_seconds"], 2), "rows_growth": ratio,
+                      "status": big["status"], "cutover_ms": big["cutover_ms"],
+                      "writer_max_stall_ms": big["writer_max_stall_ms"], "sizes": results}), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+    else:
+        main()
