@@ -26,7 +26,9 @@ def test_writer_during_the_whole_dag_loses_nothing(airflow_db, dbpair, reports):
     assert dag_run.state == "success", result
     assert (result["checksum_ok"], result["dual_write_fail"]) == (True, 0)
     assert stats["errors"] == 0, stats["first_error"]
-    assert stats["ops_per_second"] >= 200 and stats["ops"] > 500, stats
+    # What the writer did is asserted (every op it made is on the target, below), not its speed: the
+    # writer stops at release and shares two cores with the DAG, so ops/s depends on the machine.
+    assert stats["ops"] > 500, stats
     # The writer honours the dual_write flag, as an application on dbguard's switch does: release
     # drained the last changes and turned capture off under one write freeze, then it stopped.
     assert capture.flags(load_spec(afenv.SPECS_FOLDER / "demo_shop.yaml"))["dual_write"] is False
