@@ -7,10 +7,14 @@ import psycopg
 
 from .. import db, ledger
 from ..spec import MigrationSpec
-from .scores import CHAOTIC, CONVERGENT, DIVERGENT, SPLIT
+from .scores import CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT
 from .shadow import ensure_shadow_table
 
 _OVER_SINCE = "delta_s_over_escalate_since"
+
+
+def _r(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _failing_queries(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[str]:
@@ -18,7 +22,7 @@ def _failing_queries(conn: psycopg.Connection, spec: MigrationSpec, run_id: str)
     rows = conn.execute(
         """SELECT store, query_id, seed, delta_s_pre, delta_s_post, drift, overlap, lambda, error
            FROM dbguard.shadow_reads
-           WHERE run_id = %s AND seed <> 0 AND (lambda <> '→' OR abs(coalesce(drift, 0)) > %s)
+           WHERE run_id = %s AND seed <> 0 AND (lambda NOT IN ('→', '~') OR abs(coalesce(drift, 0)) > %s)
            ORDER BY store, query_id, seed""",
         (run_id, spec.gates.delta_s_max)).fetchall()
 
@@ -70,7 +74,7 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
                     c = v.get("lambda_counts") or {}
                     problems.append(f"{store} {seed_key.replace('_', ' ')}: lambda_state {v.get('lambda_state')} "
                                     f"(→ {c.get(CONVERGENT, 0)}, <> {c.get(SPLIT, 0)}, ← {c.get(DIVERGENT, 0)}, "
-                                    f"× {c.get(CHAOTIC, 0)}), delta_s_diff {d if d is None else round(d, 4)}")
+                                    f"× {c.get(CHAOTIC, 0)}, ~ {c.get(NOISE, 0)}), delta_s_diff {d if d is None else round(d, 4)}")
         change, pre_ms, post_ms = m.get("latency_p95_change"), m.get("latency_p95_pre_ms"), m.get("latency_p95_post_ms")
         if change is not None and change > g.latency_p95_change and \
                 (post_ms - pre_ms) > spec.retrieval.latency_floor_ms:
@@ -87,7 +91,9 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
             since = None
         summary = (f"delta_s_diff {drift if drift is None else round(drift, 4)} (max {g.delta_s_max}, escalate "
                    f"{g.delta_s_escalate}), lambda_state {m.get('lambda_state')} "
-                   f"({', '.join(f'seed {s}: {st}' for s, st in seed_states.items())}), noise floor "
+                   f"({', '.join(f'seed {s}: {st}' for s, st in seed_states.items())}), "
+                   f"~ (index noise) {m.get('lambda_noise', 0)}, recall pre {_r(m.get('recall_pre'))} post "
+                   f"{_r(m.get('recall_post'))} (tolerance {spec.retrieval.recall_tolerance}), noise floor "
                    f"{m.get('noise_floor')}")
         if m.get("unmeasured_stores"):
             return "fail", (f"retrieval gate failed: no usable gold query for store(s) {m['unmeasured_stores']}: "

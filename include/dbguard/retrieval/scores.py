@@ -7,6 +7,7 @@ from typing import Iterable
 import numpy as np
 
 CONVERGENT, SPLIT, DIVERGENT, CHAOTIC = "→", "<>", "←", "×"
+NOISE = "~"  # disjoint lists, but the target's recall against exact search is as good as the source's
 STATES = ("convergent", "split", "divergent", "chaotic")  # best to worst
 
 def delta_s(items: np.ndarray, anchor: np.ndarray) -> float:
@@ -44,11 +45,17 @@ def overlap_at_k(pre_ids: list, pre_dist: Iterable[float] | None, post_ids: list
     return min(hits, len(pre_ids)) / len(pre_ids)
 
 
-def lambda_class(overlap: float, drift: float | None, post_ok: bool, threshold: float) -> str:
-    """→ convergent, <> split, ← divergent (post returned nothing / errored / timed out), × chaotic."""
+def lambda_class(overlap: float, drift: float | None, post_ok: bool, threshold: float, *,
+                 recall_pre: float | None = None, recall_post: float | None = None, tolerance: float = 0.1) -> str:
+    """→ convergent, <> split, ← divergent (post returned nothing / errored / timed out), × chaotic,
+    ~ index noise: no overlap, but post recall (against exact search) is within `tolerance` of pre
+    recall, so the disjoint list is the ANN index's own miss, not the migration's. Without both
+    recalls a disjoint list stays ×."""
     if not post_ok:
         return DIVERGENT
     if overlap <= 0.0:
+        if recall_pre is not None and recall_post is not None and recall_post >= recall_pre - tolerance:
+            return NOISE
         return CHAOTIC
     if overlap >= 0.8 and (drift is None or math.isnan(drift) or abs(drift) <= threshold):
         return CONVERGENT
@@ -56,8 +63,9 @@ def lambda_class(overlap: float, drift: float | None, post_ok: bool, threshold: 
 
 
 def lambda_state(classes: Iterable[str]) -> str:
-    """`convergent` when ≥ 80 % are →, no ×, and ≤ 10 % are <>; else the worst state present."""
-    cs = list(classes)
+    """`convergent` when ≥ 80 % are →, no ×, and ≤ 10 % are <>; else the worst state present.
+    `~` (index noise) is left out of the count: it is neither held against nor credited to the migration."""
+    cs = [c for c in classes if c != NOISE]
     if not cs:
         return "divergent"
     n = len(cs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import psycopg
@@ -18,8 +18,9 @@ from ..spec import MigrationSpec, SearchStore, Table, VectorStore
 from ..stores import search as search_store
 from ..stores import vector as vector_store
 from .gold import GoldQuery, gold_path, load_gold
-from .scores import CHAOTIC, CONVERGENT, DIVERGENT, SPLIT, delta_s, lambda_class, lambda_state, overlap_at_k, p95, \
-    worst_state
+from . import exact
+from .scores import CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT, delta_s, lambda_class, lambda_state, overlap_at_k, \
+    p95, worst_state
 
 SHADOW_DDL = """
 CREATE TABLE IF NOT EXISTS dbguard.shadow_reads (
@@ -77,23 +78,16 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 class _Side:
-    """One database side's session for shadow reads (autocommit; exact search in its own transaction)."""
+    """One database side's session for shadow reads (autocommit)."""
 
     def __init__(self, conn: psycopg.Connection, side: str, timeout_ms: int):
         self.conn, self.side = conn, side
         conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
 
-    def run(self, query: sql.Composable, params: tuple, *, exact: bool = False) -> tuple[list[tuple], float, str | None]:
+    def run(self, query: sql.Composable, params: tuple) -> tuple[list[tuple], float, str | None]:
         t0 = time.perf_counter()
         try:
-            if exact:
-                # prepare=False: a statement prepared earlier keeps its index-scan plan whatever
-                # enable_indexscan says now, and "exact" would silently be the ANN result again.
-                with self.conn.transaction():
-                    self.conn.execute("SET LOCAL enable_indexscan = off")
-                    rows = self.conn.execute(query, params, binary=True, prepare=False).fetchall()
-            else:
-                rows = self.conn.execute(query, params, binary=True).fetchall()
+            rows = self.conn.execute(query, params, binary=True).fetchall()
             return rows, (time.perf_counter() - t0) * 1000, None
         except psycopg.Error as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -124,10 +118,13 @@ class _VectorProbe:
             key=key, col=col, rel=rel, c=sql.Identifier(v.column), op=sql.SQL(vector_store.OPERATOR[metric]),
             k=sql.Literal(self.k))
 
-    def query(self, side: _Side, qvec: np.ndarray, *, exact: bool = False) -> Hits:
-        normalized = self.store.source_normalized if side.side == "source" else self.store.target_normalized
-        q = _unit(qvec) if normalized else qvec
-        rows, ms, err = side.run(self.sql_for(side.side), (_vtext(q),), exact=exact)
+    def sent(self, side: str, qvec: np.ndarray) -> np.ndarray:
+        """The query vector as `side` receives it (unit length when that side's vectors are normalised)."""
+        normalized = self.store.source_normalized if side == "source" else self.store.target_normalized
+        return _unit(qvec) if normalized else qvec
+
+    def query(self, side: _Side, qvec: np.ndarray) -> Hits:
+        rows, ms, err = side.run(self.sql_for(side.side), (_vtext(self.sent(side.side, qvec)),))
         vecs = _parse_vectors([r[1] for r in rows], self.store.dim)
         dist = _cos_dist(vecs, qvec)
         return Hits([r[0] for r in rows], dist, vecs, ms, err)
@@ -143,14 +140,13 @@ class _SearchProbe:
     def setup(self, side: _Side) -> None:
         pass
 
-    def query(self, side: _Side, text: str, *, exact: bool = False) -> Hits:
+    def query(self, side: _Side, text: str) -> Hits:
         emb = None
         if self.vstore is not None:
             emb = (vector_store.as_vector(self.table, self.vstore) if side.side == "source"
                    else sql.Identifier(self.vstore.column))
             emb = sql.SQL("vector_send({})").format(emb)
-        rows, ms, err = side.run(search_store.query_sql(self.table, self.store, side.side, self.k, emb), (text,),
-                                 exact=exact)
+        rows, ms, err = side.run(search_store.query_sql(self.table, self.store, side.side, self.k, emb), (text,))
         vecs = _parse_vectors([r[2] for r in rows], self.vstore.dim) if self.vstore is not None else None
         return Hits([r[0] for r in rows], [-float(r[1]) for r in rows], vecs, ms, err)
 
@@ -195,12 +191,6 @@ def _ds(h: Hits, anchor: np.ndarray | None) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _recall(h: Hits, exact: Hits, k: int, eps: float) -> float | None:
-    if exact.error or h.error:
-        return None
-    return overlap_at_k(exact.ids, exact.dist, h.ids, h.dist, k, eps)
-
-
 def _found(q: GoldQuery, ids: list[str]) -> bool | None:
     """Did the top-k contain every expected id of the gold query (None: the query names none)?"""
     return set(q.expected_ids) <= set(map(str, ids)) if q.expected_ids else None
@@ -212,9 +202,59 @@ def _probes(spec: MigrationSpec) -> list[tuple[str, Any]]:
             + [("search", _SearchProbe(t, s, k)) for t, s in search_store.stores(spec)])
 
 
+def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple[dict, np.ndarray, Hits, Hits]],
+                   src: psycopg.Connection, tgt: psycopg.Connection) -> dict[str, Any]:
+    """Recall@k of each side's ANN top-k against exact search over that side's own vectors, then λ calibrated.
+
+    The reference is the meaning the migration must keep: the SOURCE's metric, with the query as the
+    source receives it, on both sides' data. A rebuilt index that misses different neighbours keeps
+    its recall; a wrong metric or a lost normalisation on the target ranks by something else, and its
+    recall against this reference drops. One streaming pass per side answers all probe queries
+    (`exact.top_k`). Rows that get a probe: the first `recall_queries` queries (the reported mean
+    recall) and every query whose post list is disjoint from its pre list (its λ depends on it)."""
+    rs = spec.retrieval
+    k, eps, tol, metric = rs.k, rs.overlap_eps, rs.recall_tolerance, probe.store.source_metric
+    todo = [p for p in pending if p[0]["seed"] != 0 and (
+        rs.recall_queries is None or p[0]["qindex"] < rs.recall_queries or p[0]["lambda"] == CHAOTIC)]
+    info = {"probes": len(todo), "seconds": 0.0, "rows_scanned": {}}
+    if not todo:
+        return info
+    t0 = time.perf_counter()
+    queries = np.stack([probe.sent("source", v) for _, v, _, _ in todo])
+    for side, conn, pick in (("source", src, 2), ("target", tgt, 3)):
+        ex = exact.top_k(conn, probe.table, probe.store, side, queries, metric, k)
+        info["rows_scanned"][side] = ex.rows
+        for i, p in enumerate(todo):
+            row, hits = p[0], p[pick]
+            if ex.error or hits.error:
+                row["error"] = row["error"] or f"recall probe on the {side}: {ex.error}"
+                continue
+            d = exact.distances(hits.vectors, queries[i], metric).tolist() if hits.ids else []
+            row["recall_pre" if side == "source" else "recall_post"] = overlap_at_k(
+                ex.ids[i], ex.dist[i][:len(ex.ids[i])].tolist(), hits.ids, d, k, eps)
+    # The index's recall per seed (mean over the sampled queries): a rebuilt HNSW graph misses
+    # different queries than the source's at the same rate, so a disjoint query is held against the
+    # migration (×) only when both its own recall and its index's recall fell by more than `tol`.
+    for seed in sorted({p[0]["seed"] for p in todo}):
+        rows = [p[0] for p in todo if p[0]["seed"] == seed]
+        sample = [r for r in rows if rs.recall_queries is None or r["qindex"] < rs.recall_queries] or rows
+        mean_pre = _mean(r["recall_pre"] for r in sample)
+        mean_post = _mean(r["recall_post"] for r in sample)
+        info[f"recall_seed_{seed}"] = {"pre": mean_pre, "post": mean_post, "queries": len(sample)}
+        for row in rows:
+            own = lambda_class(row["overlap"], row["drift"], row["post_ok"], spec.gates.delta_s_max,
+                               recall_pre=row["recall_pre"], recall_post=row["recall_post"], tolerance=tol)
+            index = lambda_class(row["overlap"], row["drift"], row["post_ok"], spec.gates.delta_s_max,
+                                 recall_pre=mean_pre, recall_post=mean_post, tolerance=tol)
+            row["lambda"] = NOISE if NOISE in (own, index) and row["recall_post"] is not None else own
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info
+
+
 def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
-            tgt: psycopg.Connection) -> list[dict[str, Any]]:
-    """Run every gold query: A/A on the source (seed 0), then pre vs post per seed. One dict per result."""
+            tgt: psycopg.Connection, probe_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run every gold query: A/A on the source (seed 0), then pre vs post per seed. One dict per result.
+    Vector stores then get their recall probes (`_recall_probes`); `probe_info` collects their cost."""
     rs = spec.retrieval
     k, seeds, eps, thr = rs.k, list(rs.seeds), rs.overlap_eps, spec.gates.delta_s_max
     pre, post = _Side(src, "source", rs.query_timeout_ms), _Side(tgt, "target", rs.query_timeout_ms)
@@ -225,12 +265,12 @@ def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
         usable = [q for q in gold if (q.vector is not None if kind == "vector" else q.text is not None)]
         if kind == "vector":
             usable = [q for q in usable if q.vector.shape[0] == probe.store.dim]
+        pending: list[tuple[dict, np.ndarray, Hits, Hits]] = []
         for qi, q in enumerate(usable):
             anchor = _anchor(q)
             if kind == "search" and anchor is not None and probe.vstore is not None \
                     and anchor.shape[0] != probe.vstore.dim:
                 anchor = None
-            want_recall = kind == "vector" and (rs.recall_queries is None or qi < rs.recall_queries)
             for seed in [0, *seeds]:
                 variant = _perturbed(q, seeds[0] if seed == 0 else seed, seeds, rs.jitter_sigma, qi, kind)
                 a = probe.query(pre, variant)
@@ -239,33 +279,45 @@ def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
                 drift = None if ds_a is None or ds_b is None else ds_b - ds_a
                 ov = overlap_at_k(a.ids, a.dist, b.ids, b.dist, k, eps)
                 post_ok = b.error is None and (bool(b.ids) or not a.ids)
-                rec_pre = rec_post = None
-                if want_recall and seed != 0:
-                    rec_pre = _recall(a, probe.query(pre, variant, exact=True), k, eps)
-                    rec_post = _recall(b, probe.query(post, variant, exact=True), k, eps)
-                rows.append({
-                    "store": probe.label, "query_id": q.id, "seed": seed, "pre_ids": a.ids, "post_ids": b.ids,
-                    "delta_s_pre": ds_a, "delta_s_post": ds_b, "drift": drift, "overlap": ov,
-                    "recall_pre": rec_pre, "recall_post": rec_post,
+                row = {
+                    "store": probe.label, "query_id": q.id, "seed": seed, "qindex": qi, "pre_ids": a.ids,
+                    "post_ids": b.ids, "delta_s_pre": ds_a, "delta_s_post": ds_b, "drift": drift, "overlap": ov,
+                    "recall_pre": None, "recall_post": None, "post_ok": post_ok,
                     "lambda": lambda_class(ov, drift, post_ok, thr),
                     "latency_pre_ms": a.ms, "latency_post_ms": b.ms, "error": b.error or a.error,
                     "expected_pre": _found(q, a.ids), "expected_post": _found(q, b.ids),
-                })
+                }
+                rows.append(row)
+                if kind == "vector":
+                    pending.append((row, variant, a, b))
+        if kind == "vector":
+            info = _recall_probes(spec, probe, pending, src, tgt)
+            if probe_info is not None:
+                probe_info[probe.label] = info
     return rows
+
+
+COUNTED = (CONVERGENT, SPLIT, DIVERGENT, CHAOTIC, NOISE)
 
 
 def _seed_stats(rows: list[dict[str, Any]], seed: int) -> tuple[float | None, float | None, str, dict[str, int]]:
     rs = [r for r in rows if r["seed"] == seed]
     d = [abs(r["drift"]) for r in rs if r["drift"] is not None]
-    counts = {c: sum(1 for r in rs if r["lambda"] == c) for c in (CONVERGENT, SPLIT, DIVERGENT, CHAOTIC)}
+    counts = {c: sum(1 for r in rs if r["lambda"] == c) for c in COUNTED}
     return (float(np.mean(d)) if d else None), p95(d), lambda_state(r["lambda"] for r in rs), counts
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
 
 
 def summarize(spec: MigrationSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The metrics. Each store and seed is judged on its own, and the headline is the worst:
     delta_s_diff = max over stores and seeds of mean |ΔS_post − ΔS_pre| (p95 likewise), so a
     broken store cannot hide behind a healthy one; lambda_state = convergent only when every
-    store is convergent for every seed, else the worst state seen."""
+    store is convergent for every seed, else the worst state seen. `~` (index noise) is counted
+    in lambda_counts and lambda_noise, never held against the migration."""
     seeds = list(spec.retrieval.seeds)
     stores = sorted({r["store"] for r in rows})
     m: dict[str, Any] = {"stores": {}}
@@ -283,30 +335,39 @@ def summarize(spec: MigrationSpec, rows: list[dict[str, Any]]) -> dict[str, Any]
         state_s = "convergent" if all(x == "convergent" for x in seed_states) else worst_state(seed_states)
         m[f"delta_s_diff_seed_{s}"], m[f"lambda_state_seed_{s}"] = mean_s, state_s
         m[f"lambda_counts_seed_{s}"] = {c: sum(1 for r in rows if r["seed"] == s and r["lambda"] == c)
-                                        for c in (CONVERGENT, SPLIT, DIVERGENT, CHAOTIC)}
+                                        for c in COUNTED}
         means.append(mean_s)
         states.append(state_s)
     m["delta_s_diff"] = max((x for x in means if x is not None), default=None)
     m["delta_s_diff_p95"] = max((x for x in p95s if x is not None), default=None)
     m["lambda_state"] = "convergent" if all(s == "convergent" for s in states) else worst_state(states)
     measured = [r for r in rows if r["seed"] != 0]
+    m["lambda_noise"] = sum(1 for r in measured if r["lambda"] == NOISE)
+    m["recall_tolerance"] = spec.retrieval.recall_tolerance
     pre_p95, post_p95 = p95(r["latency_pre_ms"] for r in measured), p95(r["latency_post_ms"] for r in measured)
     m["latency_p95_pre_ms"], m["latency_p95_post_ms"] = pre_p95, post_p95
     m["latency_p95_change"] = (post_p95 - pre_p95) / pre_p95 if pre_p95 and post_p95 is not None else None
-    rp = [r["recall_pre"] for r in measured if r["recall_pre"] is not None]
-    rq = [r["recall_post"] for r in measured if r["recall_post"] is not None]
-    m["recall_pre"] = float(np.mean(rp)) if rp else None
-    m["recall_post"] = float(np.mean(rq)) if rq else None
+    # Mean recall over the sampled queries only (the first recall_queries): the disjoint ones that were
+    # probed for their λ class would bias it low.
+    sample = [r for r in measured if spec.retrieval.recall_queries is None
+              or r.get("qindex", 0) < spec.retrieval.recall_queries]
+    m["recall_pre"] = _mean(r["recall_pre"] for r in sample)
+    m["recall_post"] = _mean(r["recall_post"] for r in sample)
+    m["recall_probes"] = sum(1 for r in measured if r["recall_pre"] is not None or r["recall_post"] is not None)
     for side in ("pre", "post"):
         found = [r[f"expected_{side}"] for r in measured if r.get(f"expected_{side}") is not None]
         m[f"expected_hit_rate_{side}"] = float(np.mean(found)) if found else None
     aa = [r for r in rows if r["seed"] == 0]
     aa_d = [abs(r["drift"]) for r in aa if r["drift"] is not None]
     a_p95, b_p95 = p95(r["latency_pre_ms"] for r in aa), p95(r["latency_post_ms"] for r in aa)
+    # The A/A floor: the source against itself (repeatability), and the source index against exact
+    # search over its own data (how much it misses on its own: the noise a rebuilt index may show too).
     m["noise_floor"] = {
         "delta_s_diff": float(np.mean(aa_d)) if aa_d else None,
         "overlap": float(np.mean([r["overlap"] for r in aa])) if aa else None,
         "latency_p95_change": (b_p95 - a_p95) / a_p95 if a_p95 and b_p95 is not None else None,
+        "recall": m["recall_pre"],
+        "disjoint_from_exact": sum(1 for r in measured if r["recall_pre"] == 0.0),
     }
     m["retrieval_queries"] = len({(r["store"], r["query_id"]) for r in rows})
     return m
@@ -320,9 +381,11 @@ def shadow_reads(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         gold = gold[: spec.retrieval.max_queries]
     t0 = time.perf_counter()
     with db.source(spec, autocommit=True) as src, db.target(spec, autocommit=True) as tgt:
-        rows = measure(spec, gold, src, tgt)
+        probe_info: dict[str, Any] = {}
+        rows = measure(spec, gold, src, tgt, probe_info)
     seconds = time.perf_counter() - t0
     m = summarize(spec, rows)
+    m["recall_probe"] = probe_info
     measured = {r["store"] for r in rows}
     m["unmeasured_stores"] = [p.label for _, p in _probes(spec) if p.label not in measured]
     m["shadow_reads_seconds"] = round(seconds, 3)
