@@ -1,4 +1,10 @@
-"""Dual writes: source triggers -> change ledger -> idempotent applier into the target.
+"""Dual writes: origin triggers -> change ledger -> idempotent applier into the destination.
+
+One implementation, either direction: every public function takes `direction="forward"` (source ->
+target, during the migration) or `"reverse"` (target -> source, after cutover); see common.Route.
+Modules: triggers (origin DDL, trigger functions, capture_on/off), applier (drain, apply_ops, read_ops,
+fence_copy), values (exact text row images and the casts back), freeze (quiesced), reads (lag, drift,
+failures, dual_write_fail, is_on), flags (control flags).
 
 Stages (each takes the spec and the run id, returns JSON-able values, is safe to re-run):
   capture_on   create the source ledger + control table, one AFTER ROW trigger per table
@@ -29,10 +35,15 @@ each drain batch holds it exclusively).
 from __future__ import annotations
 
 from .applier import (COVERED, OP_COLUMNS, TARGET_DDL, WINDOW_FIRST_OP, WINDOW_OPS, apply_ops, drain,
-                      ensure_target, fence_copy, read_ops)
-from .common import SCHEMA, STAGE_DRAIN, STAGE_OFF, STAGE_ON, CaptureError, function_name, trigger_name, \
-    truncate_function_name
+                      ensure_destination, ensure_target, fence_copy, read_ops)
+from .common import (DIRECTIONS, SCHEMA, STAGE_DRAIN, STAGE_OFF, STAGE_ON, CaptureError, Route, function_name, route,
+                     trigger_name, truncate_function_name)
 from .flags import flags, set_flags
 from .freeze import quiesced
 from .reads import LAG, drift, dual_write_fail, failures, is_on, lag
-from .triggers import SOURCE_DDL, capture_off, capture_on, trigger_function_sql
+from .triggers import ORIGIN_DDL, SOURCE_DDL, capture_off, capture_on, trigger_function_sql
+
+__all__ = ["CaptureError", "DIRECTIONS", "Route", "route", "capture_on", "capture_off", "drain", "apply_ops",
+           "read_ops", "fence_copy", "quiesced", "lag", "drift", "failures", "dual_write_fail", "is_on", "flags",
+           "set_flags", "ensure_target", "ensure_destination", "trigger_name", "function_name",
+           "truncate_function_name", "trigger_function_sql"]

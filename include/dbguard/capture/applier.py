@@ -1,28 +1,25 @@
 """Destination side: the applier (windows of origin snapshots, cursor, batches, failures) and fence_copy."""
 from __future__ import annotations
 
-import hashlib
-import re
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .. import db, ledger
-from ..errors import DbguardError
 from ..spec import MigrationSpec, Table
-from .common import *  # noqa: F401,F403
-from .common import _control, _cursor_state, _target_rel
+from . import values
+from .common import (STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, record, route)
 from .reads import dual_write_fail, lag
 
-# Target side, next to the run ledger (`dbguard.events`, `dbguard.metrics`).
+# Destination side. Every row is keyed by direction as well, so forward and reverse never mix.
 TARGET_DDL = """
 CREATE SCHEMA IF NOT EXISTS dbguard;
 CREATE TABLE IF NOT EXISTS dbguard.apply_cursor (
     migration    text NOT NULL,
+    direction    text NOT NULL DEFAULT 'forward',
     run_id       text NOT NULL,
     window_no    bigint NOT NULL DEFAULT 0,
     prev_snapshot text,
@@ -33,10 +30,11 @@ CREATE TABLE IF NOT EXISTS dbguard.apply_cursor (
     batches      bigint NOT NULL DEFAULT 0,
     target_rev   text,
     updated_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (migration, run_id)
+    PRIMARY KEY (migration, direction, run_id)
 );
 CREATE TABLE IF NOT EXISTS dbguard.apply_batches (
     migration  text NOT NULL,
+    direction  text NOT NULL DEFAULT 'forward',
     run_id     text NOT NULL,
     batch_no   bigint NOT NULL,
     window_no  bigint NOT NULL,
@@ -48,10 +46,11 @@ CREATE TABLE IF NOT EXISTS dbguard.apply_batches (
     target_rev text,
     seconds    double precision,
     at         timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (migration, run_id, batch_no)
+    PRIMARY KEY (migration, direction, run_id, batch_no)
 );
 CREATE TABLE IF NOT EXISTS dbguard.apply_failures (
     migration  text NOT NULL,
+    direction  text NOT NULL DEFAULT 'forward',
     run_id     text NOT NULL,
     op_id      bigint NOT NULL,
     table_name text NOT NULL,
@@ -61,8 +60,20 @@ CREATE TABLE IF NOT EXISTS dbguard.apply_failures (
     error      text,
     target_rev text,
     at         timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (migration, run_id, op_id)
+    PRIMARY KEY (migration, direction, run_id, op_id)
 );
+DO $$
+DECLARE t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['apply_cursor', 'apply_batches', 'apply_failures'] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = ('dbguard.' || t)::regclass AND attname = 'direction') THEN
+      EXECUTE format('ALTER TABLE dbguard.%I ADD COLUMN direction text NOT NULL DEFAULT ''forward''', t);
+      EXECUTE format('ALTER TABLE dbguard.%I DROP CONSTRAINT IF EXISTS %I', t, t || '_pkey');
+      EXECUTE format('ALTER TABLE dbguard.%I ADD PRIMARY KEY (migration, direction, run_id, %s)', t,
+                     CASE t WHEN 'apply_batches' THEN 'batch_no' WHEN 'apply_failures' THEN 'op_id' ELSE 'migration' END);
+    END IF;
+  END LOOP;
+END$$;
 CREATE TABLE IF NOT EXISTS dbguard.idempotency_keys (
     migration  text NOT NULL,
     idem_key   text NOT NULL,
@@ -79,15 +90,14 @@ RETURNS boolean LANGUAGE sql AS $$
 $$;
 """
 
-# Row images travel as jsonb *text* from source to target: parsing them in Python would turn
-# numbers into floats (65.1800000000000000 -> 65.18 inside a jsonb column).
+# Row images (jsonb arrays of each column's text output) travel as jsonb *text*, never parsed in Python.
 OP_COLUMNS = ("op_id, table_name, op, key, old_key, row_image::text, source_xid::text, key::text, old_key::text")
 
 # Ops whose transaction finished between snapshots `prev` and `cur`, above the in-window cursor.
 WINDOW_OPS = """
 SELECT {OP_COLUMNS}
 FROM dbguard.change_ledger
-WHERE migration = %(m)s AND op_id > %(after)s
+WHERE migration = %(m)s AND direction = %(d)s AND op_id > %(after)s
   AND pg_visible_in_snapshot(source_xid, %(cur)s::pg_snapshot)
   AND (%(prev)s::pg_snapshot IS NULL OR NOT pg_visible_in_snapshot(source_xid, %(prev)s::pg_snapshot))
 ORDER BY op_id
@@ -96,53 +106,90 @@ LIMIT %(n)s
 
 WINDOW_FIRST_OP = """
 SELECT min(op_id) FROM dbguard.change_ledger
-WHERE migration = %(m)s
+WHERE migration = %(m)s AND direction = %(d)s
   AND (%(prev)s::pg_snapshot IS NULL OR source_xid >= pg_snapshot_xmin(%(prev)s::pg_snapshot))
   AND pg_visible_in_snapshot(source_xid, %(cur)s::pg_snapshot)
   AND (%(prev)s::pg_snapshot IS NULL OR NOT pg_visible_in_snapshot(source_xid, %(prev)s::pg_snapshot))
 """
 
-# Committed ops not yet applied: after `prev`, minus the part of window `cur` at or below the cursor.
 
-# ---- applier ---------------------------------------------------------------------------------
+def ensure_destination(dest: psycopg.Connection) -> None:
+    dest.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.capture'))")
+    dest.execute(TARGET_DDL)
+    dest.commit()
+
 
 def ensure_target(tgt: psycopg.Connection) -> None:
+    """Run ledger + applier tables in the target database (the forward destination)."""
     ledger.ensure(tgt)
-    tgt.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.capture'))")
-    tgt.execute(TARGET_DDL)
-    tgt.commit()
+    ensure_destination(tgt)
 
 
-def _fence_key(spec: MigrationSpec) -> sql.Composable:
-    return sql.SQL("hashtextextended({}, 0)").format(sql.Literal("dbguard.apply:" + spec.name))
+def _fence_key(spec: MigrationSpec, direction: str = "forward") -> sql.Composable:
+    tag = "dbguard.apply:" + spec.name + ("" if direction == "forward" else ":reverse")
+    return sql.SQL("hashtextextended({}, 0)").format(sql.Literal(tag))
 
 
-def fence_copy(tgt: psycopg.Connection, spec: MigrationSpec) -> None:
-    """Call first in a range copy's target transaction (before taking the source snapshot):
+def fence_copy(tgt: psycopg.Connection, spec: MigrationSpec, direction: str = "forward") -> None:
+    """Call first in a range copy's destination transaction (before taking the origin snapshot):
     no drain batch can commit between the copy's snapshot and its commit."""
-    tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock_shared({})").format(_fence_key(spec)))
+    tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock_shared({})").format(_fence_key(spec, direction)))
 
 
 class _Statements:
-    """Per-table SQL for the applier: upsert full images, delete by key."""
+    """Per-table SQL for the applier: upsert full images, delete by key. Images are jsonb arrays of text in
+    spec column order; each element is cast to the destination column's catalog type. Generated columns are
+    not written (they regenerate); identity GENERATED ALWAYS columns get OVERRIDING SYSTEM VALUE."""
 
-    def __init__(self, t: Table):
-        rel = _target_rel(t)
-        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
+    def __init__(self, r: Route, t: Table, origin: dict[str, values.ColumnInfo], dest: dict[str, values.ColumnInfo]):
+        rel = r.dest_rel(t)
+        schema, name = r.dest_name(t)
+        if not dest:
+            raise CaptureError(f"drain ({r.direction}): destination table {schema}.{name} does not exist; "
+                               "create it (preflight does) before draining")
+        missing = [c.name for c in t.columns if c.name not in dest]
+        if missing:
+            raise CaptureError(f"drain ({r.direction}): destination table {schema}.{name} lacks columns {missing}; "
+                               "fix tables[].columns or the destination table")
+        idx = {c.name: i for i, c in enumerate(t.columns)}
+        written = [c.name for c in t.columns if not dest[c.name].generated]
+
+        def cast(c: str, doc: str = "e") -> sql.Composable:
+            return values.cast_expr(sql.SQL("({}->>{})").format(sql.SQL(doc), sql.Literal(idx[c])),
+                                    origin.get(c), dest[c])
+
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in written)
         key = sql.SQL(", ").join(sql.Identifier(k) for k in t.key)
-        rest = [c.name for c in t.columns if c.name not in t.key]
+        rest = [c for c in written if c not in t.key and dest[c].identity != "a"]
         action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in rest)) if rest else \
             sql.SQL("DO NOTHING")
-        self.upsert = sql.SQL("INSERT INTO {rel} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{rel}, %s::jsonb) "
-                              "ON CONFLICT ({key}) {action}").format(rel=rel, cols=cols, key=key, action=action)
-        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(sql.Identifier(k)) for k in t.key)
-        self.delete = sql.SQL("DELETE FROM {rel} t USING jsonb_populate_recordset(NULL::{rel}, %s::jsonb) k "
+        overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(dest[c].identity == "a" for c in written) else "")
+        self.upsert = sql.SQL(
+            "INSERT INTO {rel} ({cols}){ov} SELECT {vals} FROM jsonb_array_elements(%s::jsonb) e "
+            "ON CONFLICT ({key}) {action}").format(
+            rel=rel, cols=cols, ov=overriding, vals=sql.SQL(", ").join(cast(c) for c in written), key=key,
+            action=action)
+        kidx = {k: i for i, k in enumerate(t.key)}
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{} = {}").format(sql.Identifier(k), values.cast_expr(
+                sql.SQL("(k->>{})").format(sql.Literal(kidx[k])), origin.get(k), dest[k])) for k in t.key)
+        self.delete = sql.SQL("DELETE FROM {rel} t USING jsonb_array_elements(%s::jsonb) k "
                               "WHERE {match}").format(rel=rel, match=match)
 
 
-def _actions(ops: list[tuple]) -> list[tuple[int, str, str, Any]]:
-    """Ledger ops -> (op_id, table, 'U' upsert | 'D' delete, json) in order; a key change is delete + upsert."""
+def _statement_set(r: Route, origin: psycopg.Connection, dest: psycopg.Connection) -> dict[str, _Statements]:
+    out = {}
+    for t in r.spec.tables:
+        out[t.name] = _Statements(r, t, values.columns(origin, *r.origin_name(t)), values.columns(dest, *r.dest_name(t)))
+    origin.rollback()
+    dest.rollback()
+    return out
+
+
+def _actions(ops: list[tuple]) -> list[tuple[int, str, str, Any, str]]:
+    """Ledger ops -> (op_id, table, 'U' upsert | 'D' delete, key, json text) in order; a key change is
+    delete + upsert."""
     out = []
     for op_id, table, op, key, old_key, row, _xid, key_text, old_key_text in ops:
         if op == "D":
@@ -155,13 +202,13 @@ def _actions(ops: list[tuple]) -> list[tuple[int, str, str, Any]]:
     return out
 
 
-def _statements(actions: list[tuple], stmts: dict[str, _Statements], spec: MigrationSpec):
+def _statements(actions: list[tuple], stmts: dict[str, _Statements]):
     """Group consecutive actions of one kind on one table into one statement (a repeated key starts a new one,
     since one INSERT ... ON CONFLICT cannot touch a row twice): as few round trips as order allows."""
     groups: list[tuple[str, str, list]] = []
     seen: set = set()
-    for op_id, table, kind, key, doc in actions:
-        k = tuple(str(key.get(c)) for c in spec.table(table).key)
+    for _op_id, table, kind, key, doc in actions:
+        k = tuple(key) if isinstance(key, list) else tuple(sorted(key.items()))
         if not groups or groups[-1][0] != table or groups[-1][1] != kind or k in seen:
             groups.append((table, kind, []))
             seen = set()
@@ -172,14 +219,14 @@ def _statements(actions: list[tuple], stmts: dict[str, _Statements], spec: Migra
         yield (st.upsert if kind == "U" else st.delete), "[" + ",".join(docs) + "]"
 
 
-def _apply_fast(tgt: psycopg.Connection, actions, stmts, spec) -> None:
-    with tgt.pipeline():
-        with tgt.cursor() as cur:
-            for q, param in _statements(actions, stmts, spec):
+def _apply_fast(dest: psycopg.Connection, actions, stmts) -> None:
+    with dest.pipeline():
+        with dest.cursor() as cur:
+            for q, param in _statements(actions, stmts):
                 cur.execute(q, (param,))
 
 
-def _apply_one_by_one(tgt: psycopg.Connection, actions, stmts, spec, ops_by_id) -> list[dict]:
+def _apply_one_by_one(dest: psycopg.Connection, actions, stmts, spec, ops_by_id) -> list[dict]:
     """Slow path after a failed batch: each op in its own savepoint; failing ops are recorded, the rest applied."""
     failures = []
     by_op: dict[int, list] = {}
@@ -187,76 +234,103 @@ def _apply_one_by_one(tgt: psycopg.Connection, actions, stmts, spec, ops_by_id) 
         by_op.setdefault(a[0], []).append(a)
     for op_id, acts in by_op.items():
         try:
-            with tgt.transaction():  # a savepoint inside the batch transaction
-                for q, param in _statements(acts, stmts, spec):
-                    tgt.execute(q, (param,))
+            with dest.transaction():  # a savepoint inside the batch transaction
+                for q, param in _statements(acts, stmts):
+                    dest.execute(q, (param,))
         except psycopg.Error as e:
             op = ops_by_id[op_id]
-            failures.append({"op_id": op_id, "table_name": op[1], "op": op[2], "key": op[3],
+            t = spec.table(op[1])
+            key = dict(zip(t.key, op[3])) if isinstance(op[3], list) else op[3]
+            failures.append({"op_id": op_id, "table_name": op[1], "op": op[2], "key": key,
                              "sqlstate": e.sqlstate, "error": (e.diag.message_primary or str(e)).strip()})
     return failures
 
 
-def _cursor_row(tgt: psycopg.Connection, src: psycopg.Connection, spec: MigrationSpec, run_id: str) -> dict:
+def _cursor_row(dest: psycopg.Connection, origin: psycopg.Connection, r: Route, run_id: str) -> dict:
     """Lock (and on first use create) this run's cursor; its start point comes from capture_on."""
+    spec = r.spec
     q = ("SELECT window_no, prev_snapshot, cur_snapshot, op_cursor, high_water, applied, batches "
-         "FROM dbguard.apply_cursor WHERE migration = %s AND run_id = %s FOR UPDATE")
-    row = tgt.execute(q, (spec.name, run_id)).fetchone()
+         "FROM dbguard.apply_cursor WHERE migration = %s AND direction = %s AND run_id = %s FOR UPDATE")
+    row = dest.execute(q, (spec.name, r.direction, run_id)).fetchone()
     if row is None:
-        ctl = _control(src, spec)
+        ctl = _control(origin, r)
         if ctl is None or ctl[0] != run_id:
-            raise CaptureError(f"drain: capture is not on for migration {spec.name!r} run {run_id!r} "
-                               f"(control row: {ctl}); run the capture_on stage for this run first")
-        tgt.execute("INSERT INTO dbguard.apply_cursor (migration, run_id, prev_snapshot, high_water) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING", (spec.name, run_id, ctl[1], ctl[2] or 0))
-        row = tgt.execute(q, (spec.name, run_id)).fetchone()
+            raise CaptureError(f"drain ({r.direction}): capture is not on for migration {spec.name!r} run "
+                               f"{run_id!r} (control row: {ctl}); run capture_on(direction={r.direction!r}) "
+                               "for this run first")
+        dest.execute("INSERT INTO dbguard.apply_cursor (migration, direction, run_id, prev_snapshot, high_water) "
+                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                     (spec.name, r.direction, run_id, ctl[1], ctl[2] or 0))
+        row = dest.execute(q, (spec.name, r.direction, run_id)).fetchone()
     return dict(zip(("window_no", "prev", "cur", "op_cursor", "high_water", "applied", "batches"), row))
 
 
+def _mark_applier(dest: psycopg.Connection) -> bool:
+    """The destination session is the applier's: capture triggers skip its writes (loop guard, so reverse
+    capture never re-captures what forward applied) and write fences let it through. Then, when allowed,
+    apply like PostgreSQL's own logical replication worker: session_replication_role = replica, so
+    destination user triggers and foreign-key checks do not fire on replayed ops (the replay passes through
+    states that mix the copy's later snapshot with older ops; the final state is consistent). Needs superuser
+    or GRANT SET ON PARAMETER session_replication_role; without it, constraints are checked per op."""
+    dest.execute("SELECT set_config('dbguard.applying', 'on', false)")
+    dest.commit()
+    try:
+        dest.execute("SET session_replication_role = replica")
+        dest.commit()
+        return True
+    except psycopg.errors.InsufficientPrivilege:
+        dest.rollback()
+        return False
 
 
-def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, batch_ops: int | None = None,
+_EMPTY = {"applied": 0, "batches": 0, "seconds": 0.0, "rows_per_second": None, "lag": 0, "high_water": 0,
+          "dual_write_fail": 0, "failed_op_ids": [], "new_failed_op_ids": [], "stopped_on_error": False}
+
+
+def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_batches: int | None = None,
+          batch_ops: int | None = None,
           before_commit: Callable[[psycopg.Connection], None] | None = None) -> dict[str, Any]:
     """Apply every op committed before this call (and what arrives meanwhile, up to one new window).
 
-    Each batch is one target transaction: rows, cursor, batch record and failures commit together.
+    Each batch is one destination transaction: rows, cursor, batch record and failures commit together.
     Apply errors are recorded in dbguard.apply_failures and counted as dual_write_fail; the batch's other
-    ops still apply and the cursor moves past the failed op (policy: record and continue; with
-    capture.stop_on_error the drain returns after such a batch). `before_commit` is a test hook.
+    ops still apply and the cursor moves past the failed op (with capture.stop_on_error the drain returns
+    after such a batch). A failed op fails the run at the gates and at release. `before_commit` is a test hook.
     """
+    r = route(spec, direction)
     if not spec.capture.enabled:
-        return {"applied": 0, "batches": 0, "seconds": 0.0, "rows_per_second": None, "lag": 0, "high_water": 0,
-                "dual_write_fail": 0, "failed_op_ids": [], "new_failed_op_ids": [], "stopped_on_error": False}
+        return {**_EMPTY, "direction": direction}
     n = batch_ops or spec.capture.batch_ops
-    stmts = {t.name: _Statements(t) for t in spec.tables}
     applied = batches = 0
     failed_ids: list[int] = []
     opened = 0
     t0 = time.monotonic()
     stopped = False
-    with db.source(spec, autocommit=True) as src, db.target(spec) as tgt:
-        ensure_target(tgt)
-        replica = _replica_role(tgt)
+    with r.origin(autocommit=True) as src, r.dest() as tgt:
+        ensure_destination(tgt)
+        replica = _mark_applier(tgt)
+        stmts = _statement_set(r, src, tgt)
         while max_batches is None or batches < max_batches:
             tb = time.monotonic()
-            tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_fence_key(spec)))
-            cur = _cursor_row(tgt, src, spec, run_id)
+            tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_fence_key(spec, direction)))
+            cur = _cursor_row(tgt, src, r, run_id)
             if cur["cur"] is None:  # open the next window: everything that finished by now
                 if opened:
                     tgt.rollback()
                     break
                 snap = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
-                first = src.execute(WINDOW_FIRST_OP, {"m": spec.name, "prev": cur["prev"], "cur": snap}).fetchone()[0]
+                first = src.execute(WINDOW_FIRST_OP, {"m": spec.name, "d": direction, "prev": cur["prev"],
+                                                      "cur": snap}).fetchone()[0]
                 cur.update(cur=snap, op_cursor=(first - 1) if first is not None else 0, window_no=cur["window_no"] + 1)
                 opened += 1
-            ops = src.execute(WINDOW_OPS, {"m": spec.name, "after": cur["op_cursor"], "cur": cur["cur"],
-                                           "prev": cur["prev"], "n": n}).fetchall()
+            ops = src.execute(WINDOW_OPS, {"m": spec.name, "d": direction, "after": cur["op_cursor"],
+                                           "cur": cur["cur"], "prev": cur["prev"], "n": n}).fetchall()
             failures: list[dict] = []
             if ops:
                 actions = _actions(ops)
                 tgt.execute("SAVEPOINT dbguard_batch")
                 try:
-                    _apply_fast(tgt, actions, stmts, spec)
+                    _apply_fast(tgt, actions, stmts)
                 except psycopg.Error:
                     tgt.execute("ROLLBACK TO SAVEPOINT dbguard_batch")
                     failures = _apply_one_by_one(tgt, actions, stmts, spec, {o[0]: o for o in ops})
@@ -267,18 +341,18 @@ def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, b
                 cur["applied"] += len(ops) - len(failures)
                 cur["batches"] += 1
                 tgt.execute(
-                    """INSERT INTO dbguard.apply_batches (migration, run_id, batch_no, window_no, first_op, last_op,
-                                                          ops, failed, source_rev, target_rev, seconds)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                    (spec.name, run_id, cur["batches"], cur["window_no"], ops[0][0], last, len(ops), len(failures),
-                     ops[-1][6], target_rev, time.monotonic() - tb))
+                    """INSERT INTO dbguard.apply_batches (migration, direction, run_id, batch_no, window_no, first_op,
+                                                          last_op, ops, failed, source_rev, target_rev, seconds)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (spec.name, direction, run_id, cur["batches"], cur["window_no"], ops[0][0], last, len(ops),
+                     len(failures), ops[-1][6], target_rev, time.monotonic() - tb))
                 for f in failures:
                     tgt.execute(
-                        """INSERT INTO dbguard.apply_failures (migration, run_id, op_id, table_name, op, key,
-                                                               sqlstate, error, target_rev)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-                        (spec.name, run_id, f["op_id"], f["table_name"], f["op"], Jsonb(f["key"]), f["sqlstate"],
-                         f["error"], target_rev))
+                        """INSERT INTO dbguard.apply_failures (migration, direction, run_id, op_id, table_name, op,
+                                                               key, sqlstate, error, target_rev)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
+                        (spec.name, direction, run_id, f["op_id"], f["table_name"], f["op"], Jsonb(f["key"]),
+                         f["sqlstate"], f["error"], target_rev))
             else:
                 target_rev = None
             exhausted = len(ops) < n
@@ -286,11 +360,11 @@ def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, b
                 """UPDATE dbguard.apply_cursor SET window_no = %(w)s, prev_snapshot = %(prev)s, cur_snapshot = %(cur)s,
                      op_cursor = %(oc)s, high_water = %(hw)s, applied = %(ap)s, batches = %(b)s,
                      target_rev = coalesce(%(tr)s, target_rev), updated_at = clock_timestamp()
-                   WHERE migration = %(m)s AND run_id = %(r)s""",
+                   WHERE migration = %(m)s AND direction = %(d)s AND run_id = %(r)s""",
                 {"w": cur["window_no"], "prev": cur["cur"] if exhausted else cur["prev"],
                  "cur": None if exhausted else cur["cur"], "oc": 0 if exhausted else cur["op_cursor"],
                  "hw": cur["high_water"], "ap": cur["applied"], "b": cur["batches"], "tr": target_rev,
-                 "m": spec.name, "r": run_id})
+                 "m": spec.name, "d": direction, "r": run_id})
             if before_commit is not None and ops:
                 before_commit(tgt)
             tgt.commit()
@@ -302,33 +376,21 @@ def drain(spec: MigrationSpec, run_id: str, *, max_batches: int | None = None, b
                     stopped = True
                     break
         seconds = time.monotonic() - t0
-        hw = _cursor_state(tgt, spec, run_id).get("high_water", 0)
-    fail_count, fail_ids = dual_write_fail(spec, run_id)
-    out = {"applied": applied, "batches": batches, "seconds": round(seconds, 3),
+        st = _cursor_state(tgt, r, run_id)
+    hw = st.get("high_water", 0)
+    fail_count, fail_ids = dual_write_fail(spec, run_id, direction)
+    out = {"direction": direction, "applied": applied, "batches": batches, "seconds": round(seconds, 3),
            "rows_per_second": round(applied / seconds, 1) if seconds > 0 else None,
-           "lag": lag(spec, run_id), "high_water": hw, "dual_write_fail": fail_count,
+           "lag": lag(spec, run_id, direction), "high_water": hw, "dual_write_fail": fail_count,
            "failed_op_ids": fail_ids, "new_failed_op_ids": failed_ids, "stopped_on_error": stopped,
            "replica_role": replica}
     with db.target(spec) as tgt:
-        st = _cursor_state(tgt, spec, run_id)
-        ledger.event(tgt, run_id, spec.name, STAGE_DRAIN, out, op_id=hw, source_rev=st.get("prev_snapshot"),
-                     target_rev=st.get("target_rev"), commit=False)
-        ledger.set_metric(tgt, run_id, spec.name, "dual_write_fail", fail_count)
+        ledger.ensure(tgt)
+        ledger.event(tgt, run_id, spec.name, r.stage(STAGE_DRAIN), out, op_id=hw,
+                     source_rev=st.get("prev_snapshot"), target_rev=st.get("target_rev"), commit=False)
+        ledger.set_metric(tgt, run_id, spec.name, "dual_write_fail" if r.forward else "dual_write_fail.reverse",
+                          fail_count)
     return out
-
-
-def _replica_role(tgt: psycopg.Connection) -> bool:
-    """Apply like PostgreSQL's own logical replication worker: session_replication_role = replica, so target
-    triggers and foreign-key checks do not fire on replayed ops (the replay passes through states that mix the
-    copy's later snapshot with older ops; the final state is consistent). Needs superuser or
-    GRANT SET ON PARAMETER session_replication_role; without it, constraints are checked per op."""
-    try:
-        tgt.execute("SET session_replication_role = replica")
-        tgt.commit()
-        return True
-    except psycopg.errors.InsufficientPrivilege:
-        tgt.rollback()
-        return False
 
 
 COVERED = """
@@ -338,31 +400,34 @@ WHERE (%(prev)s::text IS NOT NULL AND pg_visible_in_snapshot(u.xid::xid8, %(prev
 """
 
 
-def apply_ops(spec: MigrationSpec, run_id: str, ops: list[tuple]) -> dict[str, Any]:
+def apply_ops(spec: MigrationSpec, run_id: str, ops: list[tuple], direction: str = "forward") -> dict[str, Any]:
     """Replay entry point: re-applying ledger ops the cursor already covers is a no-op.
 
     `ops` are ledger rows as `read_ops` returns them (OP_COLUMNS; row images as jsonb text).
     Ops beyond the cursor are refused: only `drain` may move it, in order.
     """
-    with db.target(spec) as tgt:
-        ensure_target(tgt)
+    r = route(spec, direction)
+    with r.dest() as tgt:
+        ensure_destination(tgt)
         row = tgt.execute("SELECT prev_snapshot, cur_snapshot, op_cursor FROM dbguard.apply_cursor "
-                          "WHERE migration = %s AND run_id = %s FOR UPDATE", (spec.name, run_id)).fetchone()
+                          "WHERE migration = %s AND direction = %s AND run_id = %s FOR UPDATE",
+                          (spec.name, direction, run_id)).fetchone()
         prev, cur, after = row if row else (None, None, 0)
-        covered = {r[0] for r in tgt.execute(COVERED, {"ids": [o[0] for o in ops], "xids": [o[6] for o in ops],
+        covered = {x[0] for x in tgt.execute(COVERED, {"ids": [o[0] for o in ops], "xids": [o[6] for o in ops],
                                                        "prev": prev, "cur": cur, "after": after}).fetchall()} \
             if row else set()
         tgt.rollback()
     ahead = [o[0] for o in ops if o[0] not in covered]
     if ahead:
         raise CaptureError(f"apply_ops: op_ids {ahead[:10]} are beyond the applied cursor of {spec.name!r} run "
-                           f"{run_id!r}; run drain to apply new ops in order")
+                           f"{run_id!r} ({direction}); run drain to apply new ops in order")
     return {"skipped": len(covered), "applied": 0}
 
 
-def read_ops(spec: MigrationSpec, first_op: int, last_op: int) -> list[tuple]:
+def read_ops(spec: MigrationSpec, first_op: int, last_op: int, direction: str = "forward") -> list[tuple]:
     """Ledger rows of this migration with first_op <= op_id <= last_op (for audits and replay tests)."""
-    with db.source(spec) as src:
-        return src.execute("SELECT " + OP_COLUMNS + " FROM dbguard.change_ledger WHERE migration = %s AND op_id BETWEEN %s AND %s "
-                           "ORDER BY op_id", (spec.name, first_op, last_op)).fetchall()
-
+    r = route(spec, direction)
+    with r.origin() as src:
+        return src.execute("SELECT " + OP_COLUMNS + " FROM dbguard.change_ledger WHERE migration = %s "
+                           "AND direction = %s AND op_id BETWEEN %s AND %s ORDER BY op_id",
+                           (spec.name, direction, first_op, last_op)).fetchall()

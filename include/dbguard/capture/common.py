@@ -1,15 +1,11 @@
-"""Shared pieces of change capture: names, relations, the error type, cursor and control reads."""
+"""Shared pieces of change capture: the route (which database is origin, which destination),
+names, the error type, cursor and control reads."""
 from __future__ import annotations
 
 import hashlib
-import re
-import time
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable
-
+from dataclasses import dataclass
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from .. import db, ledger
 from ..errors import DbguardError
@@ -17,10 +13,67 @@ from ..spec import MigrationSpec, Table
 
 SCHEMA = "dbguard"
 STAGE_ON, STAGE_DRAIN, STAGE_OFF = "capture_on", "drain_changes", "capture_off"
+DIRECTIONS = ("forward", "reverse")
 
 
 class CaptureError(DbguardError):
     """Change capture could not be switched on/off or applied; the message names the object and the fix."""
+
+
+# ---- the route -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """One capture direction. forward: origin = source database (tables `schema.name`), destination =
+    target database (`target_schema.target_name`). reverse (after cutover): the other way round.
+    Ledger, control row and triggers live on the origin; cursor, batches and failures on the destination;
+    both sides key every row by `direction` too, so the two never mix even in one database."""
+    spec: MigrationSpec
+    direction: str
+
+    @property
+    def forward(self) -> bool:
+        return self.direction == "forward"
+
+    def origin(self, **kw) -> psycopg.Connection:
+        return (db.source if self.forward else db.target)(self.spec, **kw)
+
+    def dest(self, **kw) -> psycopg.Connection:
+        return (db.target if self.forward else db.source)(self.spec, **kw)
+
+    def origin_name(self, t: Table) -> tuple[str, str]:
+        return (t.schema_, t.name) if self.forward else (t.target_schema, t.target_name)
+
+    def dest_name(self, t: Table) -> tuple[str, str]:
+        return (t.target_schema, t.target_name) if self.forward else (t.schema_, t.name)
+
+    def origin_rel(self, t: Table) -> sql.Composed:
+        return db.qname(*self.origin_name(t))
+
+    def dest_rel(self, t: Table) -> sql.Composed:
+        return db.qname(*self.dest_name(t))
+
+    def stage(self, stage: str) -> str:
+        """Run-ledger stage name: `capture_on` forward, `reverse_capture_on` reverse."""
+        return stage if self.forward else f"reverse_{stage}"
+
+    @property
+    def label(self) -> str:
+        return "source" if self.forward else "target"
+
+
+def route(spec: MigrationSpec, direction: str = "forward") -> Route:
+    if direction not in DIRECTIONS:
+        raise CaptureError(f"direction {direction!r} is not valid; use 'forward' (source -> target) or "
+                           "'reverse' (target -> source, after cutover)")
+    return Route(spec, direction)
+
+
+def record(spec: MigrationSpec, run_id: str, stage: str, detail: dict, **kw) -> None:
+    """Run-ledger event (the run ledger always lives in the target database, whatever the direction)."""
+    with db.target(spec) as tgt:
+        ledger.ensure(tgt)
+        ledger.event(tgt, run_id, spec.name, stage, detail, **kw)
 
 
 # ---- names ---------------------------------------------------------------------------------
@@ -33,16 +86,21 @@ def _name(*parts: str) -> str:
     return full[:50] + "_" + hashlib.md5(full.encode()).hexdigest()[:12]
 
 
-def trigger_name(spec: MigrationSpec) -> str:
-    return _name("dbguard_capture", spec.name)
+def _tag(direction: str) -> str:
+    return "capture" if direction == "forward" else "capture_rev"
 
 
-def function_name(spec: MigrationSpec, table: Table) -> str:
-    return _name("capture", spec.name, table.schema_, table.name)
+def trigger_name(spec: MigrationSpec, direction: str = "forward") -> str:
+    return _name("dbguard_" + _tag(direction), spec.name)
 
 
-def truncate_function_name(spec: MigrationSpec) -> str:
-    return _name("capture", spec.name, "no_truncate")
+def function_name(spec: MigrationSpec, table: Table, direction: str = "forward") -> str:
+    r = route(spec, direction)
+    return _name(_tag(direction), spec.name, *r.origin_name(table))
+
+
+def truncate_function_name(spec: MigrationSpec, direction: str = "forward") -> str:
+    return _name(_tag(direction), spec.name, "no_truncate")
 
 
 def _source_rel(t: Table) -> sql.Composed:
@@ -53,19 +111,25 @@ def _target_rel(t: Table) -> sql.Composed:
     return db.qname(t.target_schema, t.target_name)
 
 
-def _control(src: psycopg.Connection, spec: MigrationSpec):
-    if not src.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
+# ---- reads shared by the applier and the views ---------------------------------------------------
+
+def _control(origin: psycopg.Connection, r: Route):
+    """(run_id, capture_snapshot, capture_op_id) of this migration's control row for the direction."""
+    if not origin.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
         return None
-    return src.execute("SELECT run_id, capture_snapshot, capture_op_id FROM dbguard.control WHERE migration = %s",
-                       (spec.name,)).fetchone()
+    return origin.execute("SELECT run_id, capture_snapshot, capture_op_id FROM dbguard.control "
+                          "WHERE migration = %s AND direction = %s", (r.spec.name, r.direction)).fetchone()
 
 
-def _cursor_state(tgt: psycopg.Connection, spec: MigrationSpec, run_id: str) -> dict:
-    if not tgt.execute("SELECT to_regclass('dbguard.apply_cursor') IS NOT NULL").fetchone()[0]:
+CURSOR_FIELDS = ("prev_snapshot", "cur_snapshot", "op_cursor", "high_water", "applied", "batches", "target_rev")
+
+
+def _cursor_state(dest: psycopg.Connection, r: Route, run_id: str) -> dict:
+    if not dest.execute("SELECT to_regclass('dbguard.apply_cursor') IS NOT NULL").fetchone()[0]:
         return {}
-    row = tgt.execute("SELECT prev_snapshot, cur_snapshot, op_cursor, high_water, applied, batches, target_rev "
-                      "FROM dbguard.apply_cursor WHERE migration = %s AND run_id = %s", (spec.name, run_id)).fetchone()
-    tgt.rollback()
-    return dict(zip(("prev_snapshot", "cur_snapshot", "op_cursor", "high_water", "applied", "batches", "target_rev"),
-                    row)) if row else {}
+    row = dest.execute("SELECT " + ", ".join(CURSOR_FIELDS) + " FROM dbguard.apply_cursor "
+                       "WHERE migration = %s AND direction = %s AND run_id = %s",
+                       (r.spec.name, r.direction, run_id)).fetchone()
+    dest.rollback()
+    return dict(zip(CURSOR_FIELDS, row)) if row else {}
 

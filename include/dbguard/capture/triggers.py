@@ -1,29 +1,27 @@
 """Origin side: the change ledger + control DDL, trigger functions, capture_on / capture_off."""
 from __future__ import annotations
 
-import hashlib
-import re
-import time
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from .. import db, ledger
-from ..errors import DbguardError
+from .. import db
 from ..spec import MigrationSpec, Table
-from .common import *  # noqa: F401,F403
-from .common import _name, _source_rel
-from .applier import ensure_target
+from . import values
+from .applier import ensure_destination
+from .common import (SCHEMA, STAGE_OFF, STAGE_ON, CaptureError, Route, _name, function_name, record, route,
+                     trigger_name, truncate_function_name)
 
-# Source side: the change ledger and the flags applications read.
+# Origin side: the change ledger and the flags applications read. `direction` keeps forward and
+# reverse capture apart when source and target are one database; the ALTERs upgrade older ledgers.
 SOURCE_DDL = """
 CREATE SCHEMA IF NOT EXISTS dbguard;
 CREATE TABLE IF NOT EXISTS dbguard.change_ledger (
     op_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     migration   text NOT NULL,
+    direction   text NOT NULL DEFAULT 'forward',
     table_name  text NOT NULL,
     op          "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'K')),
     key         jsonb NOT NULL,
@@ -32,96 +30,96 @@ CREATE TABLE IF NOT EXISTS dbguard.change_ledger (
     source_xid  xid8 NOT NULL DEFAULT pg_current_xact_id(),
     captured_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE INDEX IF NOT EXISTS change_ledger_xid_idx ON dbguard.change_ledger (migration, source_xid);
+ALTER TABLE dbguard.change_ledger ADD COLUMN IF NOT EXISTS direction text NOT NULL DEFAULT 'forward';
+CREATE INDEX IF NOT EXISTS change_ledger_dir_xid_idx ON dbguard.change_ledger (migration, direction, source_xid);
 CREATE TABLE IF NOT EXISTS dbguard.control (
-    migration        text PRIMARY KEY,
+    migration        text NOT NULL,
+    direction        text NOT NULL DEFAULT 'forward',
     run_id           text,
     dual_write       boolean NOT NULL DEFAULT false,
     read_source      boolean NOT NULL DEFAULT true,
     capture_snapshot text,
     capture_op_id    bigint,
-    updated_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+    updated_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (migration, direction)
 );
-"""
-
-
-# ---- capture_on / capture_off --------------------------------------------------------------
-
-def _json_object(cols: Iterable[str], record: str) -> sql.Composable:
-    cols = list(cols)
-    return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
-        sql.SQL("{}, {}.{}").format(sql.Literal(c), sql.SQL(record), sql.Identifier(c)) for c in cols))
-
-
-def _image(t: Table, record: str) -> sql.Composable:
-    # jsonb_build_object takes at most 100 arguments; wider tables ship the whole record
-    # (jsonb_populate_record on the target ignores keys it has no column for).
-    if len(t.columns) <= 50:
-        return _json_object((c.name for c in t.columns), record)
-    return sql.SQL("to_jsonb({})").format(sql.SQL(record))
-
-
-def trigger_function_sql(spec: MigrationSpec, t: Table) -> sql.Composed:
-    """The AFTER ROW trigger function for one table: writes one ledger row per changed row."""
-    m, tn = sql.Literal(spec.name), sql.Literal(t.name)
-    keys_changed = sql.SQL("ROW({}) IS DISTINCT FROM ROW({})").format(
-        sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(k)) for k in t.key),
-        sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(k)) for k in t.key))
-    body = sql.SQL("""
-BEGIN
-  IF TG_OP = 'DELETE' THEN
-    INSERT INTO dbguard.change_ledger (migration, table_name, op, key)
-    VALUES ({m}, {tn}, 'D', {old_key});
-  ELSIF TG_OP = 'UPDATE' AND {keys_changed} THEN
-    INSERT INTO dbguard.change_ledger (migration, table_name, op, key, old_key, row_image)
-    VALUES ({m}, {tn}, 'K', {new_key}, {old_key}, {new_row});
-  ELSE
-    INSERT INTO dbguard.change_ledger (migration, table_name, op, key, row_image)
-    VALUES ({m}, {tn}, CASE TG_OP WHEN 'INSERT' THEN 'I' ELSE 'U' END, {new_key}, {new_row});
+DO $$BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'dbguard.control'::regclass AND attname = 'direction') THEN
+    ALTER TABLE dbguard.control ADD COLUMN direction text NOT NULL DEFAULT 'forward';
+    ALTER TABLE dbguard.control DROP CONSTRAINT IF EXISTS control_pkey;
+    ALTER TABLE dbguard.control ADD PRIMARY KEY (migration, direction);
   END IF;
+END$$;
+"""
+ORIGIN_DDL = SOURCE_DDL
+
+
+# ---- trigger functions --------------------------------------------------------------------------
+
+def _texts(cols: list[str], record: str, infos: dict[str, values.ColumnInfo]) -> sql.Composable:
+    """A jsonb array of the columns' exact text outputs (NULL stays null): strings round-trip text byte for
+    byte, so no value is reinterpreted on the way (jsonb *values* would turn -0 into 0, drop array bounds,
+    rewrite json text and refuse numerics beyond jsonb's range)."""
+    return sql.SQL("to_jsonb(ARRAY[{}]::text[])").format(
+        sql.SQL(", ").join(values.text_expr(record, c, infos.get(c)) for c in cols))
+
+
+def trigger_function_sql(spec: MigrationSpec, t: Table, direction: str = "forward",
+                         infos: dict[str, values.ColumnInfo] | None = None) -> sql.Composed:
+    """The AFTER ROW trigger function for one table: writes one ledger row per changed row, except for rows
+    the applier writes (loop guard: its session sets dbguard.applying = on)."""
+    infos = infos or {}
+    m, d, tn = sql.Literal(spec.name), sql.Literal(direction), sql.Literal(t.name)
+    cols = [c.name for c in t.columns]
+    body = sql.SQL("""
+DECLARE nk jsonb; ok jsonb;
+BEGIN
+  IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF;
+  IF TG_OP = 'DELETE' THEN
+    INSERT INTO dbguard.change_ledger (migration, direction, table_name, op, key)
+    VALUES ({m}, {d}, {tn}, 'D', {old_key});
+    RETURN NULL;
+  END IF;
+  nk := {new_key};
+  IF TG_OP = 'UPDATE' THEN
+    ok := {old_key};
+    IF ok IS DISTINCT FROM nk THEN  -- compared as text: -0 -> 0 in a float key is a key change too
+      INSERT INTO dbguard.change_ledger (migration, direction, table_name, op, key, old_key, row_image)
+      VALUES ({m}, {d}, {tn}, 'K', nk, ok, {new_row});
+      RETURN NULL;
+    END IF;
+  END IF;
+  INSERT INTO dbguard.change_ledger (migration, direction, table_name, op, key, row_image)
+  VALUES ({m}, {d}, {tn}, CASE TG_OP WHEN 'INSERT' THEN 'I' ELSE 'U' END, nk, {new_row});
   RETURN NULL;
-END""").format(m=m, tn=tn, keys_changed=keys_changed, old_key=_json_object(t.key, "OLD"),
-               new_key=_json_object(t.key, "NEW"), new_row=_image(t, "NEW"))
+END""").format(m=m, d=d, tn=tn, old_key=_texts(t.key, "OLD", infos),
+               new_key=_texts(t.key, "NEW", infos), new_row=_texts(cols, "NEW", infos))
+    settings = values.settings_clause([infos[c] for c in cols if c in infos]) if infos else sql.SQL(
+        "SET extra_float_digits = 1 SET \"DateStyle\" = 'ISO, YMD' SET \"IntervalStyle\" = 'postgres'")
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} "
-        "AS {body}").format(fn=db.qname(SCHEMA, function_name(spec, t)), settings=sql.SQL(_settings(t)),
+        "AS {body}").format(fn=db.qname(SCHEMA, function_name(spec, t, direction)), settings=settings,
                             body=sql.Literal(body.as_string()))
 
 
-_FLOAT = re.compile(r"^(real|float4|float8|double precision|float)\b")
-_GUC_FREE = re.compile(r"^(smallint|integer|int|int2|int4|int8|bigint|numeric|decimal|text|character varying|varchar"
-                       r"|character|char|bpchar|boolean|bool|jsonb|json|uuid|bytea|date|timestamp|timestamptz)\b")
-
-
-def _settings(t: Table) -> str:
-    """SET clauses pinning how values print into the row image whatever the application's session uses:
-    floats print shortest-exact, intervals unambiguously. Only the ones a table needs (each costs ~15 us
-    per captured row); JSON prints dates and timestamps in ISO, and bytea input reads hex and escape."""
-    floats = any(_FLOAT.match(c.type) for c in t.columns)
-    other = any(not _GUC_FREE.match(c.type) and not _FLOAT.match(c.type) for c in t.columns)
-    out = []
-    if floats or other:
-        out.append("SET extra_float_digits = 1")
-    if other:
-        out.append("SET \"IntervalStyle\" = 'iso_8601'")
-    return " ".join(out)
-
-
-def _check_tables(src: psycopg.Connection, spec: MigrationSpec) -> None:
-    problems = []
-    for t in spec.tables:
-        cols = {r[0] for r in src.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-            (sql.SQL("{}").format(_source_rel(t)).as_string(src),)).fetchall()}
-        if not cols:
-            problems.append(f"tables[{t.name}]: source table {t.schema_}.{t.name} does not exist; "
-                            "fix tables[].schema/name or create it")
+def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, values.ColumnInfo]]:
+    """Catalog facts of every origin table; refuses missing tables/columns naming the spec field."""
+    problems, out = [], {}
+    for t in r.spec.tables:
+        infos = values.columns(conn, *r.origin_name(t))
+        schema, name = r.origin_name(t)
+        if not infos:
+            problems.append(f"tables[{t.name}]: {r.label} table {schema}.{name} does not exist; "
+                            "fix tables[].schema/name (or target.schema/name) or create it")
             continue
-        missing = [c.name for c in t.columns if c.name not in cols]
+        missing = [c.name for c in t.columns if c.name not in infos]
         if missing:
-            problems.append(f"tables[{t.name}]: source columns {missing} do not exist; fix tables[].columns")
+            problems.append(f"tables[{t.name}]: {r.label} columns {missing} do not exist in {schema}.{name}; "
+                            "fix tables[].columns")
+        out[t.name] = infos
     if problems:
         raise CaptureError("capture_on: " + "; ".join(problems))
+    return out
 
 
 def _ddl_session(conn: psycopg.Connection, spec: MigrationSpec) -> None:
@@ -131,16 +129,22 @@ def _ddl_session(conn: psycopg.Connection, spec: MigrationSpec) -> None:
     conn.execute("SELECT set_config('dbguard.allow_ddl', 'on', true)")
 
 
-def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Create the ledger, control flags and triggers on the source; idempotent (a retry keeps the start point)."""
+# ---- capture_on / capture_off --------------------------------------------------------------------
+
+def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> dict[str, Any]:
+    """Create the ledger, control row and triggers on the origin; idempotent (a retry keeps the start point).
+
+    Triggers are ENABLE ALWAYS: they also fire in sessions with session_replication_role = replica
+    (ETL tools, pg_restore --disable-triggers, logical replication apply), whose writes would else be missed."""
+    r = route(spec, direction)
     if not spec.capture.enabled:
-        return {"enabled": False, "tables": []}
-    with db.source(spec) as src:
+        return {"enabled": False, "tables": [], "direction": direction}
+    with r.origin() as src:
         try:
             src.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.capture'))")
             src.execute(SOURCE_DDL)
             src.commit()
-            _check_tables(src, spec)
+            infos = _check_tables(src, r)
             # Everything committed before this snapshot is in the backfill's later snapshot;
             # the applier starts after it. Taken before the triggers exist, so nothing falls between.
             before, first_op = src.execute(
@@ -148,83 +152,88 @@ def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
                 "(SELECT coalesce(max(op_id), 0) FROM dbguard.change_ledger)").fetchone()
             src.commit()
             _ddl_session(src, spec)
-            tfn = db.qname(SCHEMA, truncate_function_name(spec))
+            tfn = db.qname(SCHEMA, truncate_function_name(spec, direction))
             src.execute(sql.SQL(
                 "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
                 fn=tfn, body=sql.Literal(
-                    "BEGIN RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
-                    "migration " + spec.name.replace("'", "") + "; delete rows instead or end the run "
-                    "(capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
+                    "BEGIN IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF; "
+                    "RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
+                    "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
+                    "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
             for t in spec.tables:
-                src.execute(trigger_function_sql(spec, t))
-                rel, trg = _source_rel(t), sql.Identifier(trigger_name(spec))
+                src.execute(trigger_function_sql(spec, t, direction, infos[t.name]))
+                rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
+                ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
                 src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
                                     "FOR EACH ROW EXECUTE FUNCTION {fn}()").format(
-                    trg=trg, rel=rel, fn=db.qname(SCHEMA, function_name(spec, t))))
+                    trg=trg, rel=rel, fn=db.qname(SCHEMA, function_name(spec, t, direction))))
                 src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} BEFORE TRUNCATE ON {rel} "
-                                    "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(
-                    trg=sql.Identifier(_name(trigger_name(spec), "truncate")), rel=rel, fn=tfn))
+                                    "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=rel, fn=tfn))
+                src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
+                            .format(rel=rel, trg=trg, ttrg=ttrg))
             src.execute(
-                """INSERT INTO dbguard.control AS c (migration, run_id, dual_write, read_source,
+                """INSERT INTO dbguard.control AS c (migration, direction, run_id, dual_write, read_source,
                                                      capture_snapshot, capture_op_id)
-                   VALUES (%(m)s, %(r)s, true, true, %(s)s, %(o)s)
-                   ON CONFLICT (migration) DO UPDATE SET
+                   VALUES (%(m)s, %(d)s, %(r)s, true, true, %(s)s, %(o)s)
+                   ON CONFLICT (migration, direction) DO UPDATE SET
                      dual_write = true,
                      capture_snapshot = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_snapshot IS NOT NULL
                                              THEN c.capture_snapshot ELSE EXCLUDED.capture_snapshot END,
                      capture_op_id = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_op_id IS NOT NULL
                                           THEN c.capture_op_id ELSE EXCLUDED.capture_op_id END,
                      run_id = EXCLUDED.run_id, updated_at = clock_timestamp()""",
-                {"m": spec.name, "r": run_id, "s": before, "o": first_op})
+                {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
             snap, op0 = src.execute("SELECT capture_snapshot, capture_op_id FROM dbguard.control "
-                                    "WHERE migration = %s", (spec.name,)).fetchone()
+                                    "WHERE migration = %s AND direction = %s", (spec.name, direction)).fetchone()
             src.commit()
         except psycopg.errors.LockNotAvailable as e:
-            raise CaptureError(f"capture_on: could not lock a source table within "
+            raise CaptureError(f"capture_on ({direction}): could not lock a {r.label} table within "
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
                                f"(a long transaction holds it: {e.diag.message_primary}); retry, or raise "
                                "capture.ddl_lock_timeout_ms") from None
         except psycopg.errors.InsufficientPrivilege as e:
-            raise CaptureError(f"capture_on: {e.diag.message_primary}; the source role needs CREATE on the "
-                               "database (schema dbguard) and TRIGGER on every migrated table "
+            raise CaptureError(f"capture_on ({direction}): {e.diag.message_primary}; the {r.label} role needs "
+                               "CREATE on the database (schema dbguard) and TRIGGER on every migrated table "
                                "(GRANT TRIGGER ON <table> TO <role>)") from None
-    out = {"enabled": True, "tables": [t.name for t in spec.tables], "trigger": trigger_name(spec),
-           "functions": [function_name(spec, t) for t in spec.tables], "capture_snapshot": snap,
+    out = {"enabled": True, "direction": direction, "tables": [t.name for t in spec.tables],
+           "trigger": trigger_name(spec, direction),
+           "functions": [function_name(spec, t, direction) for t in spec.tables], "capture_snapshot": snap,
            "capture_op_id": op0}
-    with db.target(spec) as tgt:
-        ensure_target(tgt)
-        ledger.event(tgt, run_id, spec.name, STAGE_ON, out, op_id=op0, source_rev=snap)
+    with r.dest() as dest:
+        ensure_destination(dest)
+    record(spec, run_id, r.stage(STAGE_ON), out, op_id=op0, source_rev=snap)
     return out
 
 
-def capture_off(spec: MigrationSpec, run_id: str, *, conn: psycopg.Connection | None = None) -> dict[str, Any]:
+def capture_off(spec: MigrationSpec, run_id: str, direction: str = "forward", *,
+                conn: psycopg.Connection | None = None) -> dict[str, Any]:
     """Drop triggers and functions (the ledger and control rows stay); idempotent, safe on abort.
 
-    With `conn` (e.g. inside `quiesced`), works in the caller's transaction and leaves the commit to it."""
+    With `conn` (an origin connection, e.g. inside `quiesced`), works in the caller's transaction and
+    leaves the commit to it."""
+    r = route(spec, direction)
     dropped = []
-    with nullcontext(conn) if conn is not None else db.source(spec) as src:
+    with nullcontext(conn) if conn is not None else r.origin() as src:
         try:
             _ddl_session(src, spec)
             # CASCADE removes the triggers that use each function, also on tables renamed since.
-            fns = [function_name(spec, t) for t in spec.tables] + [truncate_function_name(spec)]
+            fns = [function_name(spec, t, direction) for t in spec.tables] + [truncate_function_name(spec, direction)]
             for fn in fns:
                 exists = src.execute("SELECT to_regprocedure(%s) IS NOT NULL",
-                                     (f"{SCHEMA}.{fn}()",)).fetchone()[0]
+                                     (sql.SQL("{}()").format(db.qname(SCHEMA, fn)).as_string(src),)).fetchone()[0]
                 src.execute(sql.SQL("DROP FUNCTION IF EXISTS {}() CASCADE").format(db.qname(SCHEMA, fn)))
                 if exists:
                     dropped.append(fn)
             if src.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
                 src.execute("UPDATE dbguard.control SET dual_write = false, updated_at = clock_timestamp() "
-                            "WHERE migration = %s", (spec.name,))
+                            "WHERE migration = %s AND direction = %s", (spec.name, direction))
             if conn is None:
                 src.commit()
         except psycopg.errors.LockNotAvailable as e:
-            raise CaptureError(f"capture_off: could not lock a source table within "
+            raise CaptureError(f"capture_off ({direction}): could not lock a {r.label} table within "
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
-                               f"({e.diag.message_primary}); retry capture_off") from None
-    out = {"dropped_functions": dropped, "ledger_kept": True}
-    with db.target(spec) as tgt:
-        ensure_target(tgt)
-        ledger.event(tgt, run_id, spec.name, STAGE_OFF, out)
+                               f"({e.diag.message_primary}); retry capture_off, or raise "
+                               "capture.ddl_lock_timeout_ms") from None
+    out = {"dropped_functions": dropped, "ledger_kept": True, "direction": direction}
+    record(spec, run_id, r.stage(STAGE_OFF), out)
     return out
-
