@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from dbguard import capture, demo
 from dbguard.airflow import env as afenv
 from dbguard.spec import load_spec
@@ -72,5 +74,79 @@ def test_apply_failure_blocks_the_gate_naming_op_ids(airflow_db, dbpair, reports
     ok, gate_msg = stages.checksum_gate(spec, "r")
     assert not ok and f"op_ids [{op_id}]" in gate_msg
     assert "repair failed: new row for relation \"orders\" violates check constraint \"no_huge\"" in gate_msg
-    stages.release(spec, "r")
+    with pytest.raises(capture.CaptureError, match=rf"op_ids \[{op_id}\]"):
+        stages.release(spec, "r")  # the failure fails release too; holds are lifted all the same
     assert not capture.is_on(spec)
+
+
+def _verified_run(dbpair, spec, run):
+    """Stages up to a passed checksum gate (capture on, copy, drain, reconcile, gate under the freeze)."""
+    from dbguard import stages
+
+    stages.preflight(spec, run)
+    stages.capture_on(spec, run)
+    for t in spec.table_order():
+        for r in stages.plan_ranges(spec, run, t.name):
+            stages.copy_range(spec, run, r)
+    assert stages.drain_gate(spec, run)[0] is True
+    stages.reconcile(spec, run)
+    ok, msg = stages.checksum_gate(spec, run)
+    assert ok, msg
+
+
+def test_a_refused_write_after_the_gate_fails_release_and_a_replica_write_arrives(dbpair, reports):  # noqa: F811
+    """After the checksum gate capture stays on. A write the target refuses (a CHECK only the target has)
+    fails the run naming its op id; a write made with session_replication_role = replica (ETL, pg_restore)
+    is captured all the same and reaches the target."""
+    from dbguard import stages
+
+    demo.load_shop(dbpair.source, customers=300, orders=1000)
+    spec = load_spec(afenv.SPECS_FOLDER / "demo_shop.yaml")
+    _verified_run(dbpair, spec, "late")
+    with dbpair.tgt() as c:
+        c.execute("ALTER TABLE shop.orders ADD CONSTRAINT no_huge CHECK (amount < 1000000) NOT VALID")
+        c.commit()
+    with dbpair.src(autocommit=True) as c:
+        c.execute("SET session_replication_role = replica")
+        c.execute("UPDATE shop.customers SET full_name = 'via replica' WHERE id = (SELECT min(id) FROM shop.customers)")
+        c.execute("RESET session_replication_role")
+        c.execute("UPDATE shop.orders SET amount = 5000000 WHERE id = (SELECT max(id) FROM shop.orders)")
+        bad = c.execute("SELECT max(op_id) FROM dbguard.change_ledger").fetchone()[0]
+    with pytest.raises(capture.CaptureError) as err:
+        stages.release(spec, "late")
+    assert f"op_ids [{bad}]" in str(err.value) and "no_huge" in str(err.value)
+    assert not capture.is_on(spec)  # the holds are lifted even though release failed
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT full_name FROM shop.customers ORDER BY id LIMIT 1").fetchone()[0] == "via replica"
+        assert c.execute("SELECT count(*) FROM dbguard.events WHERE run_id = 'late' AND stage = 'release_failed'"
+                         ).fetchone()[0] == 1
+
+
+def test_changes_applied_after_the_gate_are_verified_under_the_final_freeze(dbpair, reports):  # noqa: F811
+    """Release re-verifies whole tables when ops were applied after the gate: a clean tail passes; a target
+    that silently alters an applied value (an ALWAYS trigger only the target has) sets checksum_ok false and
+    fails the run."""
+    from dbguard import stages
+
+    demo.load_shop(dbpair.source, customers=300, orders=1000)
+    spec = load_spec(afenv.SPECS_FOLDER / "demo_shop.yaml")
+    _verified_run(dbpair, spec, "tail")
+    with dbpair.src(autocommit=True) as c:
+        c.execute("UPDATE shop.orders SET note = 'after the gate' WHERE id IN (SELECT id FROM shop.orders LIMIT 3)")
+    out = stages.release(spec, "tail")
+    assert out["release_verify"]["checksum_ok"] is True and out["release_verify"]["applied_after_gate"] == 3
+
+    _verified_run(dbpair, spec, "tail2")
+    with dbpair.tgt(autocommit=True) as c:
+        c.execute("CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$BEGIN NEW.note := upper(NEW.note); RETURN NEW; END$$")
+        c.execute("CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON shop.orders FOR EACH ROW EXECUTE FUNCTION public.shout()")
+        c.execute("ALTER TABLE shop.orders ENABLE ALWAYS TRIGGER shout")
+    with dbpair.src(autocommit=True) as c:
+        c.execute("UPDATE shop.orders SET note = 'quiet' WHERE id = (SELECT min(id) FROM shop.orders)")
+    with pytest.raises(capture.CaptureError, match="tables differ after the changes applied since the checksum gate"):
+        stages.release(spec, "tail2")
+    assert not capture.is_on(spec)
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT value FROM dbguard.metrics WHERE run_id = 'tail2' AND name = 'checksum_ok'"
+                         ).fetchone()[0] is False

@@ -108,6 +108,10 @@ def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     Under a live writer only this comparison is exact; it overrides the earlier reconcile verdict."""
     with capture.quiesced(spec, run_id) as (_, info):
         out = _reconcile_all(spec, run_id, "final_verify")
+        # what the applier had applied when this verdict was taken: release verifies anything applied after it
+        with db.target(spec) as tgt:
+            ledger.set_metric(tgt, run_id, spec.name, "applied_at_gate",
+                              capture.cursor(spec, run_id).get("applied", 0))
     _event(spec, run_id, "write_freeze", {"stage": "final_verify", **info})
     return {**out, **info}
 
@@ -164,16 +168,44 @@ def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
 
 
-def release(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[str, Any]:
     """Undo run-scoped holds on the source: apply the last captured changes and drop capture under a
-    brief write freeze (so no write falls between), then lift the schema freeze. Safe to call twice."""
+    brief write freeze (so no write falls between), then lift the schema freeze. Safe to call twice.
+
+    Nothing unverified: when the checksum gate passed and ops were applied after it, the same freeze
+    re-verifies whole tables (count + checksum; metric checksum_ok). An op the target refused, or tables
+    that differ, raise CaptureError naming op ids / tables, after the holds are lifted. Rollback
+    (an abort) passes verify=False."""
     out: dict[str, Any] = {}
-    if _capturing(spec):
-        with capture.quiesced(spec, run_id) as (src, info):
-            out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
-        out["final_drain"] = info
-        _event(spec, run_id, "write_freeze", {"stage": "release", **info})
-    out["unfrozen"] = pf.release_freeze(spec)
+    problems: list[str] = []
+    try:
+        if _capturing(spec):
+            with capture.quiesced(spec, run_id) as (src, info):
+                with db.target(spec) as tgt:
+                    m = ledger.metrics(tgt, run_id)
+                applied = capture.cursor(spec, run_id).get("applied", 0)
+                if verify and not info.get("dual_write_fail") and m.get("checksum_ok") is True \
+                        and m.get("applied_at_gate") is not None and applied != m["applied_at_gate"]:
+                    v = _reconcile_all(spec, run_id, "release_verify")
+                    out["release_verify"] = {"checksum_ok": v["checksum_ok"], "applied_after_gate":
+                                             applied - m["applied_at_gate"], "tables": {
+                                                 n: {"equal": r["equal"], "repaired_rows": r.get("repaired_rows")}
+                                                 for n, r in v["tables"].items()}}
+                    if not v["checksum_ok"]:
+                        problems.append("tables differ after the changes applied since the checksum gate: " + "; ".join(
+                            f"{n}: source {r['source']} != target {r['target']}"
+                            for n, r in v["tables"].items() if not r["equal"] or r["orphans"]))
+                out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
+            out["final_drain"] = info
+            _event(spec, run_id, "write_freeze", {"stage": "release", **info})
+            if verify and info.get("dual_write_fail"):
+                problems.insert(0, _dual_write_failures(spec, run_id))
+    finally:
+        out["unfrozen"] = pf.release_freeze(spec)
+    if problems:
+        msg = "release: " + "\n  - ".join(problems)
+        record_gate_failure(spec, run_id, "release", msg)
+        raise capture.CaptureError(msg)
     return out
 
 
@@ -201,7 +233,7 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
     the run marked rolled_back. With drop_target, the migrated target tables are dropped too (the
     ledger stays). The source is never written to, so nothing there needs undoing."""
     run_id = run_id or latest_run(spec) or "rollback"
-    out = release(spec, run_id)
+    out = release(spec, run_id, verify=False)
     if drop_target:
         from psycopg import sql
 

@@ -40,10 +40,10 @@ from .common import (DIRECTIONS, SCHEMA, STAGE_DRAIN, STAGE_OFF, STAGE_ON, Captu
                      trigger_name, truncate_function_name)
 from .flags import flags, set_flags
 from .freeze import quiesced
-from .reads import LAG, drift, dual_write_fail, failures, is_on, lag
+from .reads import LAG, cursor, drift, dual_write_fail, failures, is_on, lag
 from .triggers import ORIGIN_DDL, SOURCE_DDL, capture_off, capture_on, trigger_function_sql
 
 __all__ = ["CaptureError", "DIRECTIONS", "Route", "route", "capture_on", "capture_off", "drain", "apply_ops",
-           "read_ops", "fence_copy", "quiesced", "lag", "drift", "failures", "dual_write_fail", "is_on", "flags",
+           "read_ops", "fence_copy", "quiesced", "lag", "cursor", "drift", "failures", "dual_write_fail", "is_on", "flags",
            "set_flags", "ensure_target", "ensure_destination", "trigger_name", "function_name",
            "truncate_function_name", "trigger_function_sql"]

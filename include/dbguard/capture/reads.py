@@ -98,3 +98,10 @@ def is_on(spec: MigrationSpec, direction: str = "forward") -> bool:
     with r.origin() as src:
         fn = sql.SQL("{}()").format(db.qname(SCHEMA, function_name(spec, spec.tables[0], direction)))
         return src.execute("SELECT to_regprocedure(%s) IS NOT NULL", (fn.as_string(src),)).fetchone()[0]
+
+
+def cursor(spec: MigrationSpec, run_id: str, direction: str = "forward") -> dict[str, Any]:
+    """The applier's cursor for this run and direction ({} before the first drain): applied, high_water, ..."""
+    r = route(spec, direction)
+    with r.dest() as tgt:
+        return _cursor_state(tgt, r, run_id)
