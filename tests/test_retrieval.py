@@ -206,6 +206,32 @@ def test_analyzer_mistake_english_to_simple_fails_the_gate_naming_queries(docs_p
                         "AND store = 'docs.documents.tsv' AND lambda <> '→'").fetchall()
     assert bad and all(f"docs.documents.tsv {q}:" in msg for (q,) in bad)  # every failing query is named
     assert "docs.documents.embedding q" not in msg or "embedding" in msg.split("failing queries:")[1]
+    # Re-measuring reproduces exactly the same numbers: the sensor's poke re-measures once and fails
+    # at once with the diagnosis, long before gate_timeout_minutes.
+    status, msg = retrieval.gate_poke(spec, "bad", first_seen_at=T0, now=T0 + dt.timedelta(seconds=30))
+    assert status == "fail", msg
+    assert "re-measuring gave exactly the same results (2 measurements" in msg and "waiting cannot help" in msg
+    assert "docs.documents.tsv: the analyzer changes english -> simple (ANALYZER_CONF)" in msg
+    with docs_pair.tgt() as c:
+        m2 = ledger.metrics(c, "bad")
+    assert m2["retrieval_gate_failure"] == "unfixable"
+    assert m2["shadow_reads_fingerprint"] == m2["shadow_reads_previous_fingerprint"]
+
+
+def test_escalation_fails_on_the_poke_that_sees_the_window_run_out(docs_pair):
+    # The analyzer mistake's drift (~0.04) is above a lowered delta_s_escalate: the streak starts at
+    # the first verdict and the gate fails, as an escalation, on the first poke at the window's end.
+    spec = demo_spec("demo_docs_bad_analyzer", gates__delta_s_escalate=0.03, gates__escalate_after_minutes=5)
+    simulate_backfill(spec, docs_pair)
+    retrieval.build_indexes(spec, "esc")
+    m = retrieval.shadow_reads(spec, "esc")
+    assert m["delta_s_diff"] > 0.03, m
+    assert retrieval.retrieval_gate(spec, "esc", first_seen_at=T0, now=T0)[0] == "wait"
+    status, msg = retrieval.gate_poke(spec, "esc", first_seen_at=T0, now=T0 + dt.timedelta(minutes=5))
+    assert status == "fail" and msg.startswith("retrieval gate failed (escalation): delta_s_diff"), msg
+    assert "stayed above delta_s_escalate 0.03 for 5.0 min (window 5.0 min)" in msg
+    with docs_pair.tgt() as c:
+        assert ledger.metrics(c, "esc")["retrieval_gate_failure"] == "escalation"
 
 
 # ---- the gate, driven by ledger values --------------------------------------------------------

@@ -40,7 +40,7 @@ def test_docs_migration_passes_the_retrieval_gate(airflow_db, dbpair, reports): 
 def test_analyzer_mistake_fails_the_run_naming_queries(airflow_db, dbpair, reports, tmp_path, monkeypatch):  # noqa: F811
     raw = yaml.safe_load(BAD.read_text())
     raw["name"] = "docs_bad_fast"
-    raw["retrieval"].update(gate_timeout_minutes=0.05, poke_seconds=1)
+    raw["retrieval"].update(poke_seconds=1)  # gate_timeout_minutes stays 2: the gate must fail before it
     path = tmp_path / "docs_bad_fast.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("DBGUARD_SPECS", str(path))
@@ -58,7 +58,12 @@ def test_analyzer_mistake_fails_the_run_naming_queries(airflow_db, dbpair, repor
         assert n > 0
         msg = c.execute("SELECT detail->>'message' FROM dbguard.events WHERE run_id = %s AND stage = "
                         "'retrieval_gate_failed'", (dag_run.run_id,)).fetchone()[0]
+        reason = c.execute("SELECT value #>> '{}' FROM dbguard.metrics WHERE run_id = %s AND name = "
+                           "'retrieval_gate_failure'", (dag_run.run_id,)).fetchone()[0]
+    assert reason == "unfixable"
     assert "docs.documents.tsv" in msg and "failing queries" in msg, msg
+    # Re-measuring reproduced the same numbers: failed at once with the diagnosis, not at the timeout.
+    assert "waiting cannot help" in msg and "the analyzer changes english -> simple" in msg, msg
     # the incident report carries the gate message and a regression gold set for the postmortem
     report = json.loads(Path(result["report"]).with_name(Path(result["report"]).name[:-5] + ".json").read_text())
     inc = report["incident"]

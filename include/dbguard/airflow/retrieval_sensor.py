@@ -1,5 +1,5 @@
-"""retrieval_gate as a sensor: judges the latest shadow reads; while the verdict is "wait" it
-re-measures, so the next poke judges fresh numbers."""
+"""retrieval_gate as a sensor: each poke judges the latest shadow reads and, while the verdict is
+"wait", re-measures and judges the fresh numbers (`retrieval.gate_poke`)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -26,11 +26,10 @@ class RetrievalGateSensor(BaseSensorOperator):
         spec = env.spec_at(self.spec_path)
         now = datetime.now(timezone.utc)
         first_seen = getattr(context["ti"], "start_date", None) or now  # the first poke of this try
-        status, message = retrieval.retrieval_gate(spec, context["run_id"], first_seen_at=first_seen, now=now)
+        # Judges; on "wait" re-measures and judges again at once (fails fast when waiting cannot help).
+        status, message = retrieval.gate_poke(spec, context["run_id"], first_seen_at=first_seen, now=now)
         self.log.info("retrieval_gate %s: %s", status, message)
         if status == "fail":
             stages.record_gate_failure(spec, context["run_id"], "retrieval_gate", message)
             raise AirflowFailException(message)
-        if status == "wait":
-            retrieval.shadow_reads(spec, context["run_id"])
         return status == "pass"

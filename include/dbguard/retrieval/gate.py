@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import psycopg
 
 from .. import db, ledger
 from ..spec import MigrationSpec
+from ..stores import search as search_store
+from ..stores import vector as vector_store
 from .scores import CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT
-from .shadow import ensure_shadow_table
+from .shadow import ensure_shadow_table, shadow_reads
 
 _OVER_SINCE = "delta_s_over_escalate_since"
 
@@ -47,9 +50,10 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
     pass: delta_s_diff ≤ delta_s_max, λ convergent for every seed, latency p95 within bound.
     fail: any ×; a store without usable gold queries; drift > delta_s_escalate for longer than
     escalate_after_minutes (counted from the first gate call that saw it, kept in the ledger and
-    cleared when drift drops); or no pass within retrieval.gate_timeout_minutes of
-    `first_seen_at` (the sensor's first poke; None = now).
-    wait: anything else (the sensor re-measures on its next poke).
+    cleared when drift drops); a quality problem that the last re-measurement reproduced exactly
+    (same fingerprint twice: waiting cannot help); or no pass within
+    retrieval.gate_timeout_minutes of `first_seen_at` (the sensor's first poke; None = now).
+    wait: anything else (the sensor re-measures and asks again).
     """
     g = spec.gates
     with db.target(spec) as conn:
@@ -96,9 +100,10 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
                    f"{_r(m.get('recall_post'))} (tolerance {spec.retrieval.recall_tolerance}), noise floor "
                    f"{m.get('noise_floor')}")
         if m.get("unmeasured_stores"):
-            return "fail", (f"retrieval gate failed: no usable gold query for store(s) {m['unmeasured_stores']}: "
-                            "a vector store needs gold vectors of its dimension, a search store gold text; "
-                            f"extend {spec.gold}")
+            return _fail(conn, spec, run_id, "unmeasured", (
+                f"retrieval gate failed: no usable gold query for store(s) {m['unmeasured_stores']}: "
+                "a vector store needs gold vectors of its dimension, a search store gold text; "
+                f"extend {spec.gold}"))
         if not problems:
             return "pass", "retrieval gate passed: " + summary
         window = dt.timedelta(minutes=g.escalate_after_minutes)
@@ -106,16 +111,77 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
         failing = _failing_queries(conn, spec, run_id)
         detail = "\n".join(["  - " + p for p in problems] + ["failing queries:"] + ["  " + q for q in failing])
         if chaotic:
-            return "fail", (f"retrieval gate failed: × (chaotic, no overlap at all) for seed(s) {chaotic}; "
-                            f"{summary}\n{detail}")
+            return _fail(conn, spec, run_id, "chaotic", (
+                f"retrieval gate failed: × (chaotic, no overlap at all) for seed(s) {chaotic}; {summary}\n{detail}"))
         waited = now - first_seen_at if first_seen_at else dt.timedelta(0)
         timeout = dt.timedelta(minutes=spec.retrieval.gate_timeout_minutes)
         if elapsed is not None and elapsed >= window:
-            return "fail", (f"retrieval gate failed: delta_s_diff {drift:.4f} has stayed above delta_s_escalate "
-                            f"{g.delta_s_escalate} for {elapsed.total_seconds() / 60:.1f} min (window "
-                            f"{g.escalate_after_minutes} min); {summary}\n{detail}")
+            return _fail(conn, spec, run_id, "escalation", (
+                f"retrieval gate failed (escalation): delta_s_diff {drift:.4f} has stayed above delta_s_escalate "
+                f"{g.delta_s_escalate} for {elapsed.total_seconds() / 60:.1f} min (window "
+                f"{g.escalate_after_minutes} min); {summary}\n{detail}"))
+        quality = [p for p in problems if not p.startswith("latency")]
+        fp, prev = m.get("shadow_reads_fingerprint"), m.get("shadow_reads_previous_fingerprint")
+        if quality and fp is not None and fp == prev:
+            return _fail(conn, spec, run_id, "unfixable", (
+                f"retrieval gate failed: re-measuring gave exactly the same results ({m.get('shadow_reads_measurements')} "
+                f"measurements: same top-k lists, λ classes and ΔS for every query), so waiting cannot help; "
+                f"likely cause: {'; '.join(diagnosis(spec, m))}; {summary}\n{detail}"))
         if waited >= timeout:
-            return "fail", (f"retrieval gate failed: no pass within gate_timeout_minutes "
-                            f"{spec.retrieval.gate_timeout_minutes} (waited {waited.total_seconds() / 60:.1f} min); "
-                            f"{summary}\n{detail}")
+            return _fail(conn, spec, run_id, "timeout", (
+                f"retrieval gate failed: no pass within gate_timeout_minutes {spec.retrieval.gate_timeout_minutes} "
+                f"(waited {waited.total_seconds() / 60:.1f} min); {summary}\n{detail}"))
         return "wait", f"retrieval gate waiting (re-measuring): {summary}\n{detail}"
+
+
+def _fail(conn: psycopg.Connection, spec: MigrationSpec, run_id: str, reason: str, message: str) -> tuple[str, str]:
+    """A fail verdict, with its reason in the ledger (`retrieval_gate_failure`: chaotic | escalation |
+    unfixable | timeout | unmeasured) for failure routing and the incident note."""
+    ledger.set_metric(conn, run_id, spec.name, "retrieval_gate_failure", reason)
+    return "fail", message
+
+
+def diagnosis(spec: MigrationSpec, m: dict) -> list[str]:
+    """What the spec changes between the sides of each failing store (analyzer, metric, normalisation),
+    with the recall that shows it; or, when nothing changes, where else to look."""
+    failing = {store for store, per_seed in (m.get("stores") or {}).items()
+               if any(v.get("lambda_state") != "convergent" or (v.get("delta_s_diff") or 0) > spec.gates.delta_s_max
+                      for v in per_seed.values())}
+    out = []
+    for t, st in search_store.stores(spec):
+        if search_store.label(t, st) in failing and st.source_config != st.config:
+            out.append(f"{search_store.label(t, st)}: the analyzer changes {st.source_config} -> {st.config} "
+                       "(ANALYZER_CONF); full-text hits change with it")
+    for t, v in vector_store.stores(spec):
+        label = vector_store.label(t, v)
+        if label not in failing:
+            continue
+        changes = []
+        if v.source_metric != v.metric:
+            changes.append(f"metric {v.source_metric} -> {v.metric}")
+        if v.source_normalized != v.target_normalized:
+            changes.append(f"NORM {'l2' if v.source_normalized else 'none'} -> {'l2' if v.target_normalized else 'none'}")
+        rp, rq = m.get("recall_pre"), m.get("recall_post")
+        rec = f"; recall against exact search in the source's metric: pre {_r(rp)}, post {_r(rq)}"
+        if changes:
+            out.append(f"{label}: {', '.join(changes)}{rec} (the target ranks by something else)")
+        else:
+            out.append(f"{label}: metric and normalisation are the same on both sides{rec}; compare the index "
+                       "parameters (ef_search, m, lists/probes) and the copied vectors")
+    return out or [f"stores {sorted(failing)}: the spec declares the same configuration on both sides; compare "
+                   "the target's indexes and data with the source's"]
+
+
+def gate_poke(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.datetime | None,
+              now: dt.datetime) -> tuple[str, str]:
+    """One poke of the retrieval gate sensor: judge the last shadow reads; on "wait", re-measure and
+    judge the fresh numbers at once. So a mismatch that re-measuring reproduces exactly fails on the
+    first poke, and an escalation window that has run out fails on the poke that sees it, not at the
+    sensor's timeout."""
+    status, message = retrieval_gate(spec, run_id, first_seen_at=first_seen_at, now=now)
+    if status != "wait":
+        return status, message
+    t0 = time.monotonic()
+    shadow_reads(spec, run_id)
+    later = now + dt.timedelta(seconds=time.monotonic() - t0)
+    return retrieval_gate(spec, run_id, first_seen_at=first_seen_at, now=later)

@@ -2,6 +2,8 @@
 rows into dbguard.shadow_reads, metrics into the ledger."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -389,10 +391,24 @@ def shadow_reads(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     measured = {r["store"] for r in rows}
     m["unmeasured_stores"] = [p.label for _, p in _probes(spec) if p.label not in measured]
     m["shadow_reads_seconds"] = round(seconds, 3)
+    m["shadow_reads_fingerprint"] = fingerprint(rows)
     with db.target(spec) as conn:
         ensure_shadow_table(conn)
+        before = ledger.metrics(conn, run_id)
+        m["shadow_reads_previous_fingerprint"] = before.get("shadow_reads_fingerprint")
+        m["shadow_reads_measurements"] = int(before.get("shadow_reads_measurements") or 0) + 1
         record(conn, spec, run_id, rows, m)
     return m
+
+
+def fingerprint(rows: list[dict[str, Any]]) -> str:
+    """What a measurement decided, latency aside: every query's pre and post top-k, λ class and ΔS drift
+    (to 1e-6). Two measurements with the same fingerprint are the same numbers: waiting cannot change
+    a verdict that re-measuring reproduces exactly (a wrong analyzer or metric)."""
+    items = sorted((r["store"], r["query_id"], r["seed"], r["lambda"], [str(i) for i in r["pre_ids"]],
+                    [str(i) for i in r["post_ids"]], None if r["drift"] is None else round(r["drift"], 6))
+                   for r in rows if r["seed"] != 0)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:24]
 
 
 _INSERT = sql.SQL("""
