@@ -47,10 +47,16 @@ def simulate_backfill(spec: MigrationSpec, pair) -> None:
         tgt.commit()
 
 
+# Latency is measured on a machine shared with other tests: a p95 slow-down of a few ms is load, not
+# the migration. Tests that are not about latency judge it only above this floor.
+NO_LATENCY_FLOOR_MS = 10_000.0
+
+
 def demo_spec(name: str = "demo_docs", **changes) -> MigrationSpec:
     spec = load_spec(ROOT / "include" / "migrations" / f"{name}.yaml")
     raw = spec.model_dump(by_alias=True, exclude_none=True)
     raw["gold"] = str(ROOT / "include" / "gold" / "demo_docs.jsonl")
+    raw["retrieval"]["latency_floor_ms"] = NO_LATENCY_FLOOR_MS
     for path, value in changes.items():
         node = raw
         *head, last = path.split("__")
@@ -276,7 +282,7 @@ def test_gate_passes_waits_and_escalates_after_the_window(dbpair):
 
 
 def test_gate_fails_at_once_on_chaotic_and_waits_on_latency(dbpair):
-    spec = demo_spec()
+    spec = demo_spec(retrieval__latency_floor_ms=2.0)
     _set(dbpair, "x", **_healthy(lambda_state="chaotic", lambda_state_seed_2="chaotic"))
     status, msg = retrieval.retrieval_gate(spec, "x", first_seen_at=T0, now=T0)
     assert status == "fail" and "× (chaotic, no overlap at all) for seed(s) [2]" in msg

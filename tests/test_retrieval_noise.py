@@ -8,7 +8,7 @@ import pytest
 from dbguard import retrieval
 from dbguard.retrieval import CHAOTIC, CONVERGENT, NOISE, SPLIT, exact, lambda_class, lambda_state
 from dbguard.spec import parse_spec
-from test_retrieval import T0, simulate_backfill
+from test_retrieval import NO_LATENCY_FLOOR_MS, T0, simulate_backfill
 from test_vector_store import DIM, load_items, spec_dict, write_gold
 
 
@@ -68,7 +68,8 @@ def _noisy_store(pair, tmp_path, **store):
     gold = write_gold(tmp_path / "g.jsonl", vecs[::4] + 0.01 * rng.normal(size=(500, DIM)).astype(np.float32))
     spec = parse_spec(spec_dict(gold=gold, index=idx, source_index=idx, source_metric="cosine",
                                 **{"metric": "ip", "normalize": True} | store)
-                      | {"retrieval": {"k": 10, "recall_queries": None, "jitter_sigma": 0.0},
+                      | {"retrieval": {"k": 10, "recall_queries": None, "jitter_sigma": 0.0,
+                                     "latency_floor_ms": NO_LATENCY_FLOOR_MS},
                          "gates": {"delta_s_max": 0.1, "delta_s_escalate": 0.5}})
     with pair.src() as c:
         c.execute("CREATE INDEX ON vs.items USING hnsw (emb vector_cosine_ops) WITH (m = 16, ef_construction = 32)")

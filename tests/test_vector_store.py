@@ -13,7 +13,7 @@ from dbguard import ledger, retrieval
 from dbguard.errors import SpecError
 from dbguard.spec import parse_spec
 from dbguard.transforms import checksum_expr
-from test_retrieval import T0, simulate_backfill
+from test_retrieval import NO_LATENCY_FLOOR_MS, T0, simulate_backfill
 
 DIM = 16
 
@@ -26,7 +26,7 @@ def spec_dict(col_type: str = f"vector({DIM})", gold: str = "g.jsonl", **store) 
                                     {"name": "body", "type": "text"},
                                     {"name": "emb", "type": col_type, "target_type": f"vector({DIM})"}],
                         "vector": [vs]}],
-            "gold": gold, "retrieval": {"k": 10, "recall_queries": 20}}
+            "gold": gold, "retrieval": {"k": 10, "recall_queries": 20, "latency_floor_ms": NO_LATENCY_FLOOR_MS}}
 
 
 def vtext(v) -> str:
