@@ -154,7 +154,7 @@ class _Statements:
         idx = {c.name: i for i, c in enumerate(t.columns)}
         written = [c.name for c in t.columns if not dest[c.name].generated]
 
-        def cast(c: str, doc: str = "e") -> sql.Composable:
+        def cast(c: str, doc: str = "dbguard_e") -> sql.Composable:
             return values.cast_expr(sql.SQL("({}->>{})").format(sql.SQL(doc), sql.Literal(idx[c])),
                                     origin.get(c), dest[c])
 
@@ -166,15 +166,15 @@ class _Statements:
             sql.SQL("DO NOTHING")
         overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(dest[c].identity == "a" for c in written) else "")
         self.upsert = sql.SQL(
-            "INSERT INTO {rel} ({cols}){ov} SELECT {vals} FROM jsonb_array_elements(%s::jsonb) e "
+            "INSERT INTO {rel} ({cols}){ov} SELECT {vals} FROM jsonb_array_elements(%s::jsonb) dbguard_e "
             "ON CONFLICT ({key}) {action}").format(
             rel=rel, cols=cols, ov=overriding, vals=sql.SQL(", ").join(cast(c) for c in written), key=key,
             action=action)
         kidx = {k: i for i, k in enumerate(t.key)}
         match = sql.SQL(" AND ").join(
-            sql.SQL("t.{} = {}").format(sql.Identifier(k), values.cast_expr(
-                sql.SQL("(k->>{})").format(sql.Literal(kidx[k])), origin.get(k), dest[k])) for k in t.key)
-        self.delete = sql.SQL("DELETE FROM {rel} t USING jsonb_array_elements(%s::jsonb) k "
+            sql.SQL("dbguard_t.{} = {}").format(sql.Identifier(k), values.cast_expr(
+                sql.SQL("(dbguard_k->>{})").format(sql.Literal(kidx[k])), origin.get(k), dest[k])) for k in t.key)
+        self.delete = sql.SQL("DELETE FROM {rel} dbguard_t USING jsonb_array_elements(%s::jsonb) dbguard_k "
                               "WHERE {match}").format(rel=rel, match=match)
 
 

@@ -1,0 +1,225 @@
+"""Capture fidelity: every value arrives byte for byte. For each type and value: insert, update to another
+value, key change and delete through capture; after every phase each row's `t::text` on the target equals
+the source's (independent of dbguard's checksum). The writing session uses hostile output settings, which
+the trigger functions must pin. A few types also go through reverse capture (target -> source)."""
+from __future__ import annotations
+
+import re
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from dbguard import capture, db
+
+from util import spec as make_spec
+
+RUN = "fidelity"
+
+SETUP = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE TYPE pair AS (a integer, b text);
+"""
+
+# type -> values (SQL literals). Each table gets rows k = 1..n; updates rotate values between rows.
+VALUES: dict[str, list[str]] = {
+    "real": ["'0'", "'-0'", "'NaN'", "'Infinity'", "'-Infinity'", "'1e-45'", "'1.17549435e-38'", "'3.4028235e38'",
+             "'0.1'"],
+    "double precision": ["'-0'", "'NaN'", "'Infinity'", "'-Infinity'", "'5e-324'", "'2.2250738585072014e-308'",
+                         "'0.1'", "'1e308'", "'1.0000000000000002'"],
+    "numeric": ["'1.10'", "'1.1'", "'NaN'", "'Infinity'", "'-Infinity'", "'-0.000'", "'1e131071'", "'1e-16383'",
+                "'123456789012345678901234567890.000100'"],
+    "numeric(10,2)": ["'1.10'", "'-0.00'", "'99999999.99'"],
+    "timestamp": ["'2024-02-29 23:59:59.999999'", "'infinity'", "'-infinity'", "'0001-01-01 00:00:00 BC'",
+                  "'294276-12-31 23:59:59.999999'", "'1999-12-31 23:59:59.5'"],
+    "timestamptz": ["'2024-02-29 23:59:59.999999+05:45'", "'infinity'", "'-infinity'", "'1900-01-01 00:00:00+00'",
+                    "'2000-01-01 00:00:00.000001-12:00'"],
+    "date": ["'2024-02-29'", "'infinity'", "'-infinity'", "'4713-01-01 BC'", "'5874897-12-31'"],
+    "time": ["'00:00:00'", "'23:59:59.999999'", "'24:00:00'"],
+    "timetz": ["'12:34:56.789+05:45'", "'00:00:00-15:59'"],
+    "interval": ["'1 year 2 mons -3 days 04:05:06.789'", "'-1 days +02:00'", "'0'", "'-178000000 years'",
+                 "'P1Y2M3DT4H5M6.000001S'", "'infinity'"],
+    "bytea": ["'\\x00ff5c27'", "''", "'\\x5c5c0a'"],
+    "text": ["''", "E'a\\tb\\nc'", "'🚀 Zoë'", "E'back\\\\slash'", "'NULL'"],
+    "character(3)": ["'ab'", "''"],
+    "character varying(5)": ["'abcde'", "' '"],
+    "json": ["'{\"b\":1,  \"a\":2}'", "'{\"a\":1,\"a\":2}'", "'  [1, 2.50 ,null]  '", "'\"\\u0000\"'",
+             "'{\"n\": 1e1000000}'", "'{\"é\": \"\\u00e9\"}'"],
+    "jsonb": ["'{\"b\":1,\"a\":[1,2.50,null]}'", "'null'", "'\"str\"'", "'1.10'", "'{\"n\": 1e100000}'"],
+    "integer[]": ["'{1,NULL,3}'", "'[0:2]={1,2,3}'", "'{{1,2},{3,NULL}}'", "'[-2:-1][3:4]={{1,2},{3,4}}'", "'{}'"],
+    "text[]": ["'{\"\",NULL,\"a,b\",\"\\\"q\\\"\",\"NULL\",\"back\\\\\\\\slash\"}'", "'{}'", "'[1:1]={x}'"],
+    "double precision[]": ["'{-0,NaN,Infinity,5e-324}'", "'{{0.1,-0},{NULL,1e308}}'"],
+    "numeric[]": ["'{1.10,NaN,-Infinity}'", "'[5:6]={1.1,1.10}'"],
+    "mood": ["'sad'", "'happy'", "'ok'"],
+    "mood[]": ["'{happy,NULL,sad}'"],
+    "posint": ["1", "2147483647"],
+    "pair": ["'(1,\"x,y\")'", "'(,)'", "'(2,\"\")'"],
+    "pair[]": ["ARRAY['(1,a)'::pair, NULL, '(,)']"],
+    "uuid": ["'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'", "'00000000-0000-0000-0000-000000000000'"],
+    "inet": ["'192.168.0.1/24'", "'::1'", "'10.0.0.1'", "'2001:db8::1/64'"],
+    "cidr": ["'10.0.0.0/8'", "'2001:db8::/32'"],
+    "macaddr": ["'08:00:2b:01:02:03'"],
+    "money": ["'12.34'", "'-0.01'", "'92233720368547758.07'"],
+    "bit(4)": ["B'1010'", "B'0000'"],
+    "bit varying": ["B''", "B'101'"],
+    "tsvector": ["'a fat cat:3A sat'", "''", "'''quoted'' x:1,2B'"],
+    "vector(3)": ["'[1.5,-2.25,3.0000001]'", "'[0,-0,1e-38]'"],
+    "boolean": ["true", "false"],
+    "smallint": ["-32768", "32767"],
+    "bigint": ["-9223372036854775808", "9223372036854775807"],
+    "point": ["'(1.5,-0)'", "'(0.1,1e308)'"],
+    "int4range": ["'[1,5)'", "'empty'", "'(,3]'"],
+    "tstzrange": ["'[2024-01-01 00:00:00.000001+00,infinity)'"],
+}
+# Output settings an application session might use; capture must not print values through them.
+HOSTILE = ("SET extra_float_digits = -15; SET bytea_output = 'escape'; SET IntervalStyle = 'sql_standard'; "
+           "SET TimeZone = 'Asia/Kathmandu'; SET DateStyle = 'SQL, DMY'")
+
+
+def table_name(t: str) -> str:
+    return "v_" + re.sub(r"[^a-z0-9]+", "_", t.replace("[]", " arr")).strip("_")
+
+
+def build_spec():
+    tables = [{"name": table_name(t), "schema": "public", "key": ["k"],
+               "columns": [{"name": "k", "type": "integer"}, {"name": "v", "type": t}]} for t in VALUES]
+    return make_spec(tables, name="fidelity")
+
+
+def create(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SETUP)
+        for t in VALUES:
+            c.execute(sql.SQL("CREATE TABLE public.{} (k integer PRIMARY KEY, v {})").format(
+                sql.Identifier(table_name(t)), sql.SQL(t)))
+
+
+def rows(conn_id: str) -> dict[str, list[tuple]]:
+    """Every table's rows as (k, row text, value text) under dbguard's canonical session settings."""
+    with db.connect(conn_id) as c:
+        return {t: c.execute(sql.SQL("SELECT k, x::text, v::text FROM public.{} x ORDER BY k").format(
+            sql.Identifier(table_name(t)))).fetchall() for t in VALUES}
+
+
+def assert_same(phase: str) -> None:
+    src, tgt = rows("dbguard_source"), rows("dbguard_target")
+    bad = {t: (src[t], tgt[t]) for t in VALUES if src[t] != tgt[t]}
+    assert not bad, f"{phase}: differs for {list(bad)}: " + "; ".join(
+        f"{t}: source {s} target {g}" for t, (s, g) in list(bad.items())[:3])
+
+
+def write(dsn: str, statements: list[sql.Composable]) -> int:
+    """Run statements in a session with hostile output settings; returns the rows they changed."""
+    n = 0
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(HOSTILE)
+        for s in statements:
+            n += c.execute(s).rowcount
+    return n
+
+
+def test_every_value_round_trips_through_capture_byte_for_byte(dbpair):
+    create(dbpair.src_dsn)
+    create(dbpair.tgt_dsn)
+    spec = build_spec()
+    capture.capture_on(spec, RUN)
+
+    def drain(direction="forward"):
+        res = capture.drain(spec, RUN, direction=direction)
+        assert res["dual_write_fail"] == 0 and res["lag"] == 0, sorted({f["error"] for f in capture.failures(spec, RUN, direction)})
+        return res
+
+    rel = {t: sql.Identifier("public", table_name(t)) for t in VALUES}
+    n_values = sum(len(v) for v in VALUES.values())
+    # insert: row k holds value k (and one NULL row per type)
+    write(dbpair.src_dsn, [sql.SQL("INSERT INTO {} VALUES ({}, {})").format(rel[t], sql.Literal(i + 1), sql.SQL(v))
+                           for t, vs in VALUES.items() for i, v in enumerate(vs)]
+          + [sql.SQL("INSERT INTO {} VALUES (0, NULL)").format(rel[t]) for t in VALUES])
+    assert drain()["applied"] == n_values + len(VALUES)
+    assert_same("insert")
+    # update: every row to the next value (a one-value type goes to NULL and back), NULL row to a value
+    ups = []
+    for t, vs in VALUES.items():
+        for i in range(len(vs)):
+            nxt = vs[(i + 1) % len(vs)] if len(vs) > 1 else "NULL"
+            ups.append(sql.SQL("UPDATE {} SET v = {} WHERE k = {}").format(rel[t], sql.SQL(nxt), sql.Literal(i + 1)))
+        ups.append(sql.SQL("UPDATE {} SET v = {} WHERE k = 0").format(rel[t], sql.SQL(vs[0])))
+    write(dbpair.src_dsn, ups)
+    drain()
+    assert_same("update")
+    # key change: every row moves to k + 100 (its value travels with it)
+    write(dbpair.src_dsn, [sql.SQL("UPDATE {} SET k = k + 100").format(rel[t]) for t in VALUES])
+    drain()
+    assert_same("key change")
+    with db.connect("dbguard_target") as c:
+        assert c.execute("SELECT count(*) FROM public.v_real WHERE k < 100").fetchone()[0] == 0
+    # delete: every other row
+    write(dbpair.src_dsn, [sql.SQL("DELETE FROM {} WHERE k % 2 = 0").format(rel[t]) for t in VALUES])
+    drain()
+    assert_same("delete")
+
+    # reverse: the target is now the primary; a few types written there come back exactly
+    capture.capture_on(spec, RUN, direction="reverse")
+    few = ["double precision", "numeric", "json", "integer[]", "interval", "timestamptz", "money", "vector(3)",
+           "pair", "bytea"]
+    stmts = []
+    for t in few:
+        stmts.append(sql.SQL("INSERT INTO {} VALUES (500, {})").format(rel[t], sql.SQL(VALUES[t][-1])))
+        stmts.append(sql.SQL("UPDATE {} SET v = {} WHERE k = 101").format(rel[t], sql.SQL(VALUES[t][0])))
+        stmts.append(sql.SQL("UPDATE {} SET k = 600 WHERE k = 500").format(rel[t]))
+        stmts.append(sql.SQL("DELETE FROM {} WHERE k = 103").format(rel[t]))
+    changed = write(dbpair.tgt_dsn, stmts)
+    assert changed >= 3 * len(few) and drain("reverse")["applied"] == changed
+    assert_same("reverse")
+    # loop guard: the reverse applier's writes on the source were not captured forward
+    assert capture.drain(spec, RUN)["applied"] == 0
+
+
+def test_capture_never_rejects_a_write_the_source_accepts(dbpair):
+    """json holding \\u0000 or a number beyond jsonb's numeric range, and numerics at the type's limits:
+    the source accepts them, so the capture trigger must too (a jsonb row image refused them)."""
+    t = make_spec([{"name": "odd", "schema": "public", "key": ["k"], "columns": [
+        {"name": "k", "type": "integer"}, {"name": "j", "type": "json"}, {"name": "n", "type": "numeric"}]}],
+        name="odd")
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE public.odd (k integer PRIMARY KEY, j json, n numeric)")
+    capture.capture_on(t, RUN)
+    with psycopg.connect(dbpair.src_dsn, autocommit=True) as c:
+        c.execute("""INSERT INTO public.odd VALUES (1, '"\\u0000"', '1e131071'), (2, '{"n": 1e1000000}', '-1e-16383'),
+                     (3, '[{"a":1,"a":2}]', 'NaN')""")
+    assert capture.drain(t, RUN)["applied"] == 3
+    with db.connect("dbguard_source") as s, db.connect("dbguard_target") as g:
+        q = "SELECT k, j::text, n::text FROM public.odd ORDER BY k"
+        assert s.execute(q).fetchall() == g.execute(q).fetchall()
+
+
+def test_wide_tables_generated_and_identity_always_columns(dbpair):
+    """60 columns; a generated column regenerates on the destination; an identity GENERATED ALWAYS key is
+    written with OVERRIDING SYSTEM VALUE."""
+    cols = [{"name": "id", "type": "bigint"}] + [{"name": f"c{i}", "type": "double precision" if i % 2 else "text"}
+                                                 for i in range(60)] + [{"name": "g", "type": "text"}]
+    spec = make_spec([{"name": "wide", "schema": "public", "key": ["id"], "columns": cols}], name="wide")
+    ddl = ("CREATE TABLE public.wide (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+           + ", ".join(f"c{i} {'double precision' if i % 2 else 'text'}" for i in range(60))
+           + ", g text GENERATED ALWAYS AS (c0 || '/' || c2) STORED)")
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(ddl)
+    capture.capture_on(spec, RUN)
+    with psycopg.connect(dbpair.src_dsn, autocommit=True) as c:
+        c.execute(HOSTILE)
+        c.execute("INSERT INTO public.wide (" + ", ".join(f"c{i}" for i in range(60)) + ") SELECT "
+                  + ", ".join(f"'{i}-' || g" if i % 2 == 0 else f"g * 0.1 - {i}" for i in range(60))
+                  + " FROM generate_series(1, 300) g")
+        c.execute("UPDATE public.wide SET c0 = 'changed', c1 = '-0' WHERE id % 7 = 0")
+        c.execute("DELETE FROM public.wide WHERE id % 11 = 0")
+    res = capture.drain(spec, RUN)
+    assert res["dual_write_fail"] == 0, capture.failures(spec, RUN)
+    with db.connect("dbguard_source") as s, db.connect("dbguard_target") as g:
+        q = "SELECT x::text FROM public.wide x ORDER BY id"
+        src = s.execute(q).fetchall()
+        assert len(src) == 273 and src == g.execute(q).fetchall()
+        assert g.execute("SELECT g FROM public.wide WHERE id = 7").fetchone()[0] == "changed/2-7"
