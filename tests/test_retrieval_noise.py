@@ -110,3 +110,21 @@ def test_a_real_mistake_on_the_same_noisy_index_still_fails(dbpair, tmp_path):
     assert m["lambda_state"] != "convergent", m
     status, msg = retrieval.retrieval_gate(spec, "bad", first_seen_at=T0, now=T0)
     assert status in ("wait", "fail") and "vs.items.emb seed 1: lambda_state" in msg, msg
+
+
+def test_exact_top_k_reads_a_real_array_source_and_composite_keys(dbpair):
+    rng = np.random.default_rng(12)
+    vecs = rng.normal(size=(120, DIM)).astype(np.float32)
+    load_items(dbpair, vecs, "real[]")
+    spec = parse_spec(spec_dict(col_type="real[]"))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    q = rng.normal(size=(1, DIM)).astype(np.float32)
+    with dbpair.src() as c:
+        res = exact.top_k(c, t, v, "source", q, "cosine", 5, chunk_rows=16)
+    want = [str(i + 1) for i in np.argsort(exact.distances(vecs, q[0], "cosine"), kind="stable")[:5]]
+    assert res.error is None and res.ids[0] == want
+    raw = spec_dict(col_type="real[]")
+    raw["tables"][0]["key"] = ["id", "body"]
+    with dbpair.src() as c:
+        res = exact.top_k(c, parse_spec(raw).tables[0], v, "source", q, "cosine", 2)
+    assert res.ids[0] == [f'[{w}, "item {w}"]' for w in want[:2]]

@@ -204,7 +204,16 @@ def _probes(spec: MigrationSpec) -> list[tuple[str, Any]]:
             + [("search", _SearchProbe(t, s, k)) for t, s in search_store.stores(spec)])
 
 
-def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple[dict, np.ndarray, Hits, Hits]],
+def _reference(probe: _VectorProbe, variant: np.ndarray, h: Hits) -> tuple[list[str], list[float], str | None]:
+    """A side's ANN top-k as the recall probe needs it: ids, distances in the reference metric (the
+    source's, to the query as the source receives it), error. Kept instead of the hit vectors, so
+    pending probes cost k floats per side, not k x dim."""
+    q = probe.sent("source", variant)
+    d = exact.distances(h.vectors, q, probe.store.source_metric).tolist() if h.ids and not h.error else []
+    return h.ids, d, h.error
+
+
+def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple[dict, np.ndarray, tuple, tuple]],
                    src: psycopg.Connection, tgt: psycopg.Connection) -> dict[str, Any]:
     """Recall@k of each side's ANN top-k against exact search over that side's own vectors, then λ calibrated.
 
@@ -227,13 +236,13 @@ def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple
         ex = exact.top_k(conn, probe.table, probe.store, side, queries, metric, k)
         info["rows_scanned"][side] = ex.rows
         for i, p in enumerate(todo):
-            row, hits = p[0], p[pick]
-            if ex.error or hits.error:
-                row["error"] = row["error"] or f"recall probe on the {side}: {ex.error}"
+            row, (ids, d, err) = p[0], p[pick]
+            if ex.error or err:  # no recall: a disjoint list then stays ×
+                if ex.error:
+                    row["error"] = row["error"] or f"recall probe on the {side}: {ex.error}"
                 continue
-            d = exact.distances(hits.vectors, queries[i], metric).tolist() if hits.ids else []
             row["recall_pre" if side == "source" else "recall_post"] = overlap_at_k(
-                ex.ids[i], ex.dist[i][:len(ex.ids[i])].tolist(), hits.ids, d, k, eps)
+                ex.ids[i], ex.dist[i][:len(ex.ids[i])].tolist(), ids, d, k, eps)
     # The index's recall per seed (mean over the sampled queries): a rebuilt HNSW graph misses
     # different queries than the source's at the same rate, so a disjoint query is held against the
     # migration (×) only when both its own recall and its index's recall fell by more than `tol`.
@@ -267,7 +276,7 @@ def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
         usable = [q for q in gold if (q.vector is not None if kind == "vector" else q.text is not None)]
         if kind == "vector":
             usable = [q for q in usable if q.vector.shape[0] == probe.store.dim]
-        pending: list[tuple[dict, np.ndarray, Hits, Hits]] = []
+        pending: list[tuple[dict, np.ndarray, tuple, tuple]] = []
         for qi, q in enumerate(usable):
             anchor = _anchor(q)
             if kind == "search" and anchor is not None and probe.vstore is not None \
@@ -290,8 +299,8 @@ def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
                     "expected_pre": _found(q, a.ids), "expected_post": _found(q, b.ids),
                 }
                 rows.append(row)
-                if kind == "vector":
-                    pending.append((row, variant, a, b))
+                if kind == "vector" and seed != 0:
+                    pending.append((row, variant, _reference(probe, variant, a), _reference(probe, variant, b)))
         if kind == "vector":
             info = _recall_probes(spec, probe, pending, src, tgt)
             if probe_info is not None:
