@@ -46,6 +46,10 @@ def test_writer_during_the_whole_dag_loses_nothing(airflow_db, dbpair, reports):
                         (dag_run.run_id,))
             freezes = [d["freeze_ms"] for (d,) in cur.fetchall()]
         assert len(freezes) == 2 and max(freezes) < 10_000, freezes  # final verify, then release
+        # the writer kept going after the checksum gate: release verified what was applied since, and passed
+        verdicts = b.execute("SELECT detail->>'checksum_ok' FROM dbguard.events WHERE run_id = %s "
+                             "AND stage = 'release_verify'", (dag_run.run_id,)).fetchall()
+        assert verdicts == [("true",)], verdicts
 
 
 def test_apply_failure_blocks_the_gate_naming_op_ids(airflow_db, dbpair, reports):  # noqa: F811
