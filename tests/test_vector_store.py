@@ -261,6 +261,12 @@ def test_metric_mistake_inner_product_on_unnormalised_vectors_is_caught(dbpair, 
     later = T0 + dt.timedelta(minutes=bad.retrieval.gate_timeout_minutes)
     status, msg = retrieval.retrieval_gate(bad, "bad", first_seen_at=T0, now=later)
     assert status == "fail" and "vs.items.emb q" in msg, msg
+    # Re-measuring reproduces it exactly: one sensor poke fails at once, naming the metric change, and
+    # the recall against exact search in the source's metric shows the target ranking by something else.
+    status, msg = retrieval.gate_poke(bad, "bad", first_seen_at=T0, now=T0)
+    assert status == "fail" and "waiting cannot help" in msg, msg
+    assert "vs.items.emb: metric l2 -> ip; recall against exact search in the source's metric: pre 1.000" in msg
+    assert m["recall_post"] < m["recall_pre"] - bad.retrieval.recall_tolerance, m
     # The same data queried with the source's metric passes.
     retrieval.build_indexes(good, "good")
     assert retrieval.shadow_reads(good, "good")["lambda_state"] == "convergent"
