@@ -11,7 +11,7 @@ from psycopg.types.json import Jsonb
 from .. import db, ledger
 from ..spec import MigrationSpec, Table
 from . import values
-from .common import (STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, record, route)
+from .common import STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, route
 from .reads import dual_write_fail, lag
 
 # Destination side. Every row is keyed by direction as well, so forward and reverse never mix.
