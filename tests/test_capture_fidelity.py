@@ -62,6 +62,7 @@ VALUES: dict[str, list[str]] = {
     "cidr": ["'10.0.0.0/8'", "'2001:db8::/32'"],
     "macaddr": ["'08:00:2b:01:02:03'"],
     "money": ["'12.34'", "'-0.01'", "'92233720368547758.07'"],
+    "money[]": ["'{12.34,NULL,-0.01}'"],
     "bit(4)": ["B'1010'", "B'0000'"],
     "bit varying": ["B''", "B'101'"],
     "tsvector": ["'a fat cat:3A sat'", "''", "'''quoted'' x:1,2B'"],
@@ -223,3 +224,22 @@ def test_wide_tables_generated_and_identity_always_columns(dbpair):
         src = s.execute(q).fetchall()
         assert len(src) == 273 and src == g.execute(q).fetchall()
         assert g.execute("SELECT g FROM public.wide WHERE id = 7").fetchone()[0] == "changed/2-7"
+
+
+def test_money_inside_an_array_is_refused_when_lc_monetary_differs(dbpair):
+    """money in an array prints through lc_monetary; if the two servers disagree, capture refuses up front,
+    naming the column, instead of carrying a value the destination would read differently."""
+    spec = make_spec([{"name": "m", "schema": "public", "key": ["k"], "columns": [
+        {"name": "k", "type": "integer"}, {"name": "plain", "type": "money"}, {"name": "list", "type": "money[]"}]}],
+        name="m")
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE public.m (k integer PRIMARY KEY, plain money, list money[])")
+    with psycopg.connect(dbpair.tgt_dsn, autocommit=True) as c:
+        mon = c.execute("SELECT current_setting('lc_monetary')").fetchone()[0]
+        other = "C" if mon != "C" else "POSIX"
+        c.execute(sql.SQL("ALTER DATABASE {} SET lc_monetary = {}").format(sql.Identifier(c.info.dbname),
+                                                                          sql.Literal(other)))
+    with pytest.raises(capture.CaptureError, match=r"\['m.list'\] hold money inside an array"):
+        capture.capture_on(spec, RUN)
+    assert not capture.is_on(spec)

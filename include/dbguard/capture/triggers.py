@@ -122,6 +122,23 @@ def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, val
     return out
 
 
+def _check_nested_money(origin: psycopg.Connection, r: Route, infos: dict[str, dict[str, values.ColumnInfo]]) -> None:
+    """money inside an array, composite or range prints (and parses) through lc_monetary, which the text image
+    cannot pin to numeric: refuse when origin and destination disagree on it, naming the columns."""
+    nested = [f"{t.name}.{c.name}" for t in r.spec.tables for c in t.columns
+              if values.MONEY in infos[t.name][c.name].leaves and not infos[t.name][c.name].money]
+    if not nested:
+        return
+    with r.dest() as dest:
+        d = dest.execute("SELECT current_setting('lc_monetary')").fetchone()[0]
+    o = origin.execute("SELECT current_setting('lc_monetary')").fetchone()[0]
+    origin.rollback()
+    if o != d:
+        raise CaptureError(f"capture_on ({r.direction}): columns {nested} hold money inside an array or composite, "
+                           f"whose text depends on lc_monetary ({r.label} {o!r}, destination {d!r}); set the same "
+                           "lc_monetary on both servers, or change those columns to numeric")
+
+
 def _ddl_session(conn: psycopg.Connection, spec: MigrationSpec) -> None:
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
         sql.Literal(f"{spec.capture.ddl_lock_timeout_ms}ms")))
@@ -145,6 +162,7 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
             src.execute(SOURCE_DDL)
             src.commit()
             infos = _check_tables(src, r)
+            _check_nested_money(src, r, infos)
             # Everything committed before this snapshot is in the backfill's later snapshot;
             # the applier starts after it. Taken before the triggers exist, so nothing falls between.
             before, first_op = src.execute(

@@ -19,6 +19,7 @@ FLOATS = {700, 701, 600, 601, 602, 603, 604, 628, 718}  # float4/8 and the geome
 DATES = {1082, 1114, 1184}  # date, timestamp, timestamptz: DateStyle
 INTERVALS = {1186}
 MONEY = 790
+FIRST_USER_OID = 16384  # types created by extensions and users; their output may use any of the settings
 
 SETTINGS = {  # what the destination session (db.SESSION_SETTINGS) parses
     "floats": ("extra_float_digits", "1"),
@@ -92,6 +93,8 @@ def settings_clause(infos: list[ColumnInfo]) -> sql.Composable:
     """SET clauses for a trigger function: only the settings these columns' types print under."""
     leaves = set().union(*(i.leaves for i in infos)) if infos else set()
     need = [k for k, oids in (("floats", FLOATS), ("dates", DATES), ("intervals", INTERVALS)) if leaves & oids]
+    if "floats" not in need and any(o >= FIRST_USER_OID for o in leaves):
+        need.insert(0, "floats")  # extension types (cube, ...) may print floats through extra_float_digits
     return sql.SQL(" ").join(sql.SQL("SET {} = {}").format(sql.Identifier(SETTINGS[k][0]), sql.Literal(SETTINGS[k][1]))
                              for k in need)
 
