@@ -271,6 +271,11 @@ def test_gate_passes_waits_and_escalates_after_the_window(dbpair):
     _set(dbpair, "high", **_healthy(delta_s_diff=0.07))
     assert gate("high", 0, first=None)[0] == "wait"      # first seen now: the streak starts at T0
     assert gate("high", 14, first=None)[0] == "wait"
+    # The sensor sleeps less when the window runs out before its next poke (then fails on time).
+    nxt = lambda run, minutes: retrieval.next_poke_seconds(  # noqa: E731
+        spec, run, now=T0 + dt.timedelta(minutes=minutes), default=30.0)
+    assert nxt("high", 14) == 30.0 and nxt("high", 14.9) == pytest.approx(6.0) and nxt("high", 16) == 1.0
+    assert nxt("mid", 14.9) == 30.0                        # no streak: the spec's poke interval
     status, msg = gate("high", 15, first=None)
     assert status == "fail" and "stayed above delta_s_escalate 0.05 for 15.0 min" in msg
     # The streak resets when drift drops back below delta_s_escalate.

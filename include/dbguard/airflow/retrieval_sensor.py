@@ -32,4 +32,7 @@ class RetrievalGateSensor(BaseSensorOperator):
         if status == "fail":
             stages.record_gate_failure(spec, context["run_id"], "retrieval_gate", message)
             raise AirflowFailException(message)
+        if status == "wait":  # sleep less when an escalation window runs out before the next poke
+            self.poke_interval = retrieval.next_poke_seconds(spec, context["run_id"], now=datetime.now(timezone.utc),
+                                                             default=spec.retrieval.poke_seconds)
         return status == "pass"

@@ -12,7 +12,7 @@ top-k over streamed vectors, for the recall probes), `shadow` (measurement),
 Stage-shaped entry points: `preflight`, `check_target`, `scan_vectors`,
 `build_indexes`, `shadow_reads`, `retrieval_gate`.
 """
-from .gate import diagnosis, gate_poke, retrieval_gate
+from .gate import diagnosis, gate_poke, next_poke_seconds, retrieval_gate
 from .gold import GoldQuery, GoldSetError, Paraphrase, gold_path, load_gold
 from .manifest import build_indexes, check_target, manifest, preflight, scan_vectors
 from .scores import (CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT, STATES, delta_s, lambda_class, lambda_state,
@@ -22,5 +22,5 @@ from .shadow import SHADOW_DDL, ensure_shadow_table, fingerprint, measure, recor
 __all__ = ["CHAOTIC", "CONVERGENT", "DIVERGENT", "NOISE", "SPLIT", "STATES", "GoldQuery", "GoldSetError",
            "Paraphrase", "SHADOW_DDL", "build_indexes", "check_target", "delta_s", "diagnosis", "ensure_shadow_table",
            "fingerprint", "gate_poke", "gold_path", "lambda_class", "lambda_state", "load_gold", "manifest", "measure",
-           "overlap_at_k", "p95", "preflight", "record", "retrieval_gate", "scan_vectors", "shadow_reads",
-           "summarize", "worst_state"]
+           "next_poke_seconds", "overlap_at_k", "p95", "preflight", "record", "retrieval_gate", "scan_vectors",
+           "shadow_reads", "summarize", "worst_state"]

@@ -185,3 +185,16 @@ def gate_poke(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.datetime | 
     shadow_reads(spec, run_id)
     later = now + dt.timedelta(seconds=time.monotonic() - t0)
     return retrieval_gate(spec, run_id, first_seen_at=first_seen_at, now=later)
+
+
+def next_poke_seconds(spec: MigrationSpec, run_id: str, *, now: dt.datetime, default: float) -> float:
+    """How long the sensor should sleep before its next poke: `default`, or less when an escalation
+    streak's window runs out sooner, so the escalation fails when its condition is met (to within
+    a second), not up to a poke interval later."""
+    with db.target(spec) as conn:
+        ledger.ensure(conn)
+        since = ledger.metrics(conn, run_id).get(_OVER_SINCE)
+    if since is None:
+        return default
+    deadline = dt.datetime.fromisoformat(since) + dt.timedelta(minutes=spec.gates.escalate_after_minutes)
+    return max(1.0, min(default, (deadline - now).total_seconds()))
