@@ -140,3 +140,31 @@ def test_quiesced_is_bounded_names_the_blocker_and_retries(dbpair, migrated):
 def test_a_bad_direction_is_refused_naming_the_choices(dbpair, migrated):
     with pytest.raises(capture.CaptureError, match="'forward'.*'reverse'"):
         capture.drain(migrated, RUN, direction="backward")
+
+
+def test_freeze_gives_way_instead_of_deadlocking_with_the_application(dbpair, migrated):
+    """An application transaction holds orders and then wants customers, while the freeze holds customers
+    and wants orders. The freeze waits in steps shorter than deadlock_timeout and lets go in between (and
+    retries when it is the deadlock victim), so the application commits and then the freeze succeeds."""
+    spec = migrated
+    app = dbpair.src()
+    app.execute("UPDATE shop.orders SET note = 'app' WHERE id = (SELECT min(id) FROM shop.orders)")
+    result: dict = {}
+
+    def freeze():
+        try:
+            with capture.quiesced(spec, RUN, lock_timeout_ms=5000) as (_, info):
+                result["info"] = info
+        except Exception as e:  # noqa: BLE001 - asserted below
+            result["error"] = e
+
+    th = threading.Thread(target=freeze)
+    th.start()
+    time.sleep(0.2)  # the freeze now holds customers and waits for orders
+    app.execute("UPDATE shop.customers SET full_name = 'app' WHERE id = (SELECT min(id) FROM shop.customers)")
+    app.commit()
+    app.close()
+    th.join(15)
+    assert "error" not in result, result.get("error")
+    assert result["info"]["drained"] == 2
+    assert_identical(dbpair, spec)

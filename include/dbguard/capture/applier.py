@@ -12,7 +12,7 @@ from .. import db, ledger
 from ..spec import MigrationSpec, Table
 from . import values
 from .common import STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, route
-from .reads import dual_write_fail, lag
+from .reads import _failures, _lag
 
 # Destination side. Every row is keyed by direction as well, so forward and reverse never mix.
 TARGET_DDL = """
@@ -181,7 +181,8 @@ class _Statements:
 def _statement_set(r: Route, origin: psycopg.Connection, dest: psycopg.Connection) -> dict[str, _Statements]:
     out = {}
     for t in r.spec.tables:
-        out[t.name] = _Statements(r, t, values.columns(origin, *r.origin_name(t)), values.columns(dest, *r.dest_name(t)))
+        out[t.name] = _Statements(r, t, values.columns(origin, *r.origin_name(t), leaves=False),
+                                  values.columns(dest, *r.dest_name(t), leaves=False))
     origin.rollback()
     dest.rollback()
     return out
@@ -307,6 +308,8 @@ def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_b
     t0 = time.monotonic()
     stopped = False
     with r.origin(autocommit=True) as src, r.dest() as tgt:
+        run_ledger = tgt if r.forward else src  # the run ledger lives in the target database
+        ledger.ensure(run_ledger)
         ensure_destination(tgt)
         replica = _mark_applier(tgt)
         stmts = _statement_set(r, src, tgt)
@@ -377,19 +380,19 @@ def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_b
                     break
         seconds = time.monotonic() - t0
         st = _cursor_state(tgt, r, run_id)
-    hw = st.get("high_water", 0)
-    fail_count, fail_ids = dual_write_fail(spec, run_id, direction)
-    out = {"direction": direction, "applied": applied, "batches": batches, "seconds": round(seconds, 3),
-           "rows_per_second": round(applied / seconds, 1) if seconds > 0 else None,
-           "lag": lag(spec, run_id, direction), "high_water": hw, "dual_write_fail": fail_count,
-           "failed_op_ids": fail_ids, "new_failed_op_ids": failed_ids, "stopped_on_error": stopped,
-           "replica_role": replica}
-    with db.target(spec) as tgt:
-        ledger.ensure(tgt)
-        ledger.event(tgt, run_id, spec.name, r.stage(STAGE_DRAIN), out, op_id=hw,
+        fail_ids = [f["op_id"] for f in _failures(tgt, r, run_id)]
+        tgt.rollback()
+        hw = st.get("high_water", 0)
+        out = {"direction": direction, "applied": applied, "batches": batches, "seconds": round(seconds, 3),
+               "rows_per_second": round(applied / seconds, 1) if seconds > 0 else None,
+               "lag": _lag(src, r, run_id, st), "high_water": hw, "dual_write_fail": len(fail_ids),
+               "failed_op_ids": fail_ids, "new_failed_op_ids": failed_ids, "stopped_on_error": stopped,
+               "replica_role": replica}
+        ledger.event(run_ledger, run_id, spec.name, r.stage(STAGE_DRAIN), out, op_id=hw,
                      source_rev=st.get("prev_snapshot"), target_rev=st.get("target_rev"), commit=False)
-        ledger.set_metric(tgt, run_id, spec.name, "dual_write_fail" if r.forward else "dual_write_fail.reverse",
-                          fail_count)
+        ledger.set_metric(run_ledger, run_id, spec.name, "dual_write_fail" if r.forward else "dual_write_fail.reverse",
+                          len(fail_ids), commit=False)
+        run_ledger.commit()
     return out
 
 

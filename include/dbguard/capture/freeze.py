@@ -10,7 +10,7 @@ from psycopg import sql
 
 from ..spec import MigrationSpec
 from .applier import drain
-from .common import CaptureError, Route, route
+from .common import LOCK_ERRORS, CaptureError, Route, lock_retrying, route
 
 BLOCKERS = """
 SELECT DISTINCT a.pid, a.state, a.application_name, extract(epoch FROM clock_timestamp() - a.xact_start)::int
@@ -36,11 +36,15 @@ def _blockers(r: Route) -> str:
 
 
 def _lock(src: psycopg.Connection, r: Route, lock_timeout_ms: int) -> None:
-    src.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms")))
-    if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
-        src.execute("LOCK TABLE dbguard.control IN EXCLUSIVE MODE")
-    for t in r.spec.tables:
-        src.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(r.origin_rel(t)))
+    """Control table, then every migrated table; in steps shorter than deadlock_timeout, so an application
+    transaction locking them in another order waits a moment instead of failing with a deadlock."""
+    def take() -> None:
+        if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
+            src.execute("LOCK TABLE dbguard.control IN EXCLUSIVE MODE")
+        for t in r.spec.tables:
+            src.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(r.origin_rel(t)))
+
+    lock_retrying(src, lock_timeout_ms, take)
 
 
 @contextmanager
@@ -66,7 +70,7 @@ def quiesced(spec: MigrationSpec, run_id: str, direction: str = "forward", *, ti
         try:
             _lock(src, r, timeout_ms)
             break
-        except psycopg.errors.LockNotAvailable:
+        except LOCK_ERRORS:
             src.close()
             src = None
             if attempt == retries:

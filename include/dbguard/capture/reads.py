@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from .. import db
 from ..spec import MigrationSpec
-from .common import SCHEMA, _control, _cursor_state, function_name, route
+from .common import SCHEMA, Route, _control, _cursor_state, function_name, route
 
 # Committed ops not yet applied: after `prev`, minus the part of window `cur` at or below the cursor.
 LAG = """
@@ -27,28 +28,36 @@ def lag(spec: MigrationSpec, run_id: str, direction: str = "forward") -> int:
     with r.dest() as tgt:
         st = _cursor_state(tgt, r, run_id)
     with r.origin() as src:
-        if st:
-            prev, cur, after = st["prev_snapshot"], st["cur_snapshot"], st["op_cursor"]
-        else:
-            ctl = _control(src, r)
-            if ctl is None or ctl[0] != run_id:
-                return 0
-            prev, cur, after = ctl[1], None, 0
-        return int(src.execute(LAG, {"m": spec.name, "d": direction, "prev": prev, "cur": cur,
-                                     "after": after}).fetchone()[0])
+        return _lag(src, r, run_id, st)
+
+
+def _lag(src: psycopg.Connection, r: Route, run_id: str, st: dict) -> int:
+    if st:
+        prev, cur, after = st["prev_snapshot"], st["cur_snapshot"], st["op_cursor"]
+    else:
+        ctl = _control(src, r)
+        if ctl is None or ctl[0] != run_id:
+            return 0
+        prev, cur, after = ctl[1], None, 0
+    return int(src.execute(LAG, {"m": r.spec.name, "d": r.direction, "prev": prev, "cur": cur,
+                                 "after": after}).fetchone()[0])
 
 
 def failures(spec: MigrationSpec, run_id: str, direction: str = "forward") -> list[dict]:
     """Every recorded apply failure with its error, for the gate message and the report."""
     r = route(spec, direction)
     with r.dest() as tgt:
-        if not tgt.execute("SELECT to_regclass('dbguard.apply_failures') IS NOT NULL").fetchone()[0]:
-            return []
-        cur = tgt.execute("SELECT op_id, table_name, op, key, sqlstate, error FROM dbguard.apply_failures "
-                          "WHERE migration = %s AND direction = %s AND run_id = %s ORDER BY op_id",
-                          (spec.name, direction, run_id))
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _failures(tgt, r, run_id)
+
+
+def _failures(tgt: psycopg.Connection, r: Route, run_id: str) -> list[dict]:
+    if not tgt.execute("SELECT to_regclass('dbguard.apply_failures') IS NOT NULL").fetchone()[0]:
+        return []
+    cur = tgt.execute("SELECT op_id, table_name, op, key, sqlstate, error FROM dbguard.apply_failures "
+                      "WHERE migration = %s AND direction = %s AND run_id = %s ORDER BY op_id",
+                      (r.spec.name, r.direction, run_id))
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def dual_write_fail(spec: MigrationSpec, run_id: str, direction: str = "forward") -> tuple[int, list[int]]:

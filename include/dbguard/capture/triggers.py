@@ -11,8 +11,8 @@ from .. import db
 from ..spec import MigrationSpec, Table
 from . import values
 from .applier import ensure_destination
-from .common import (SCHEMA, STAGE_OFF, STAGE_ON, CaptureError, Route, _name, function_name, record, route,
-                     trigger_name, truncate_function_name)
+from .common import (LOCK_ERRORS, SCHEMA, STAGE_OFF, STAGE_ON, CaptureError, Route, _name, function_name,
+                     lock_retrying, record, route, trigger_name, truncate_function_name)
 
 # Origin side: the change ledger and the flags applications read. `direction` keeps forward and
 # reverse capture apart when source and target are one database; the ALTERs upgrade older ledgers.
@@ -139,9 +139,7 @@ def _check_nested_money(origin: psycopg.Connection, r: Route, infos: dict[str, d
                            "lc_monetary on both servers, or change those columns to numeric")
 
 
-def _ddl_session(conn: psycopg.Connection, spec: MigrationSpec) -> None:
-    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-        sql.Literal(f"{spec.capture.ddl_lock_timeout_ms}ms")))
+def _allow_ddl(conn: psycopg.Connection) -> None:
     # The schema freeze (preflight) lets dbguard's own DDL through when this is set.
     conn.execute("SELECT set_config('dbguard.allow_ddl', 'on', true)")
 
@@ -169,42 +167,47 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                 "SELECT pg_current_snapshot()::text, "
                 "(SELECT coalesce(max(op_id), 0) FROM dbguard.change_ledger)").fetchone()
             src.commit()
-            _ddl_session(src, spec)
-            tfn = db.qname(SCHEMA, truncate_function_name(spec, direction))
-            src.execute(sql.SQL(
-                "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
-                fn=tfn, body=sql.Literal(
-                    "BEGIN IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF; "
-                    "RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
-                    "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
-                    "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
-            for t in spec.tables:
-                src.execute(trigger_function_sql(spec, t, direction, infos[t.name]))
-                rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
-                ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
-                src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
-                                    "FOR EACH ROW EXECUTE FUNCTION {fn}()").format(
-                    trg=trg, rel=rel, fn=db.qname(SCHEMA, function_name(spec, t, direction))))
-                src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} BEFORE TRUNCATE ON {rel} "
-                                    "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=rel, fn=tfn))
-                src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
-                            .format(rel=rel, trg=trg, ttrg=ttrg))
-            src.execute(
-                """INSERT INTO dbguard.control AS c (migration, direction, run_id, dual_write, read_source,
-                                                     capture_snapshot, capture_op_id)
-                   VALUES (%(m)s, %(d)s, %(r)s, true, true, %(s)s, %(o)s)
-                   ON CONFLICT (migration, direction) DO UPDATE SET
-                     dual_write = true,
-                     capture_snapshot = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_snapshot IS NOT NULL
-                                             THEN c.capture_snapshot ELSE EXCLUDED.capture_snapshot END,
-                     capture_op_id = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_op_id IS NOT NULL
-                                          THEN c.capture_op_id ELSE EXCLUDED.capture_op_id END,
-                     run_id = EXCLUDED.run_id, updated_at = clock_timestamp()""",
-                {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
-            snap, op0 = src.execute("SELECT capture_snapshot, capture_op_id FROM dbguard.control "
-                                    "WHERE migration = %s AND direction = %s", (spec.name, direction)).fetchone()
+
+            def install() -> tuple:
+                _allow_ddl(src)
+                tfn = db.qname(SCHEMA, truncate_function_name(spec, direction))
+                src.execute(sql.SQL(
+                    "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
+                    fn=tfn, body=sql.Literal(
+                        "BEGIN IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF; "
+                        "RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
+                        "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
+                        "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
+                for t in spec.tables:
+                    src.execute(trigger_function_sql(spec, t, direction, infos[t.name]))
+                    rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
+                    ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
+                    src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
+                                        "FOR EACH ROW EXECUTE FUNCTION {fn}()").format(
+                        trg=trg, rel=rel, fn=db.qname(SCHEMA, function_name(spec, t, direction))))
+                    src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} BEFORE TRUNCATE ON {rel} "
+                                        "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=rel, fn=tfn))
+                    src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
+                                .format(rel=rel, trg=trg, ttrg=ttrg))
+                src.execute(
+                    """INSERT INTO dbguard.control AS c (migration, direction, run_id, dual_write, read_source,
+                                                         capture_snapshot, capture_op_id)
+                       VALUES (%(m)s, %(d)s, %(r)s, true, true, %(s)s, %(o)s)
+                       ON CONFLICT (migration, direction) DO UPDATE SET
+                         dual_write = true,
+                         capture_snapshot = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_snapshot IS NOT NULL
+                                                 THEN c.capture_snapshot ELSE EXCLUDED.capture_snapshot END,
+                         capture_op_id = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_op_id IS NOT NULL
+                                              THEN c.capture_op_id ELSE EXCLUDED.capture_op_id END,
+                         run_id = EXCLUDED.run_id, updated_at = clock_timestamp()""",
+                    {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
+                return src.execute("SELECT capture_snapshot, capture_op_id FROM dbguard.control "
+                                   "WHERE migration = %s AND direction = %s", (spec.name, direction)).fetchone()
+
+            # Several tables are locked one after another: give way rather than deadlock with the application.
+            snap, op0 = lock_retrying(src, spec.capture.ddl_lock_timeout_ms, install)
             src.commit()
-        except psycopg.errors.LockNotAvailable as e:
+        except LOCK_ERRORS as e:
             raise CaptureError(f"capture_on ({direction}): could not lock a {r.label} table within "
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
                                f"(a long transaction holds it: {e.diag.message_primary}); retry, or raise "
@@ -230,10 +233,10 @@ def capture_off(spec: MigrationSpec, run_id: str, direction: str = "forward", *,
     With `conn` (an origin connection, e.g. inside `quiesced`), works in the caller's transaction and
     leaves the commit to it."""
     r = route(spec, direction)
-    dropped = []
     with nullcontext(conn) if conn is not None else r.origin() as src:
-        try:
-            _ddl_session(src, spec)
+        def drop() -> list[str]:
+            _allow_ddl(src)
+            gone = []
             # CASCADE removes the triggers that use each function, also on tables renamed since.
             fns = [function_name(spec, t, direction) for t in spec.tables] + [truncate_function_name(spec, direction)]
             for fn in fns:
@@ -241,13 +244,21 @@ def capture_off(spec: MigrationSpec, run_id: str, direction: str = "forward", *,
                                      (sql.SQL("{}()").format(db.qname(SCHEMA, fn)).as_string(src),)).fetchone()[0]
                 src.execute(sql.SQL("DROP FUNCTION IF EXISTS {}() CASCADE").format(db.qname(SCHEMA, fn)))
                 if exists:
-                    dropped.append(fn)
+                    gone.append(fn)
             if src.execute("SELECT to_regclass('dbguard.control') IS NOT NULL").fetchone()[0]:
                 src.execute("UPDATE dbguard.control SET dual_write = false, updated_at = clock_timestamp() "
                             "WHERE migration = %s AND direction = %s", (spec.name, direction))
+            return gone
+
+        try:
             if conn is None:
+                dropped = lock_retrying(src, spec.capture.ddl_lock_timeout_ms, drop)
                 src.commit()
-        except psycopg.errors.LockNotAvailable as e:
+            else:  # the caller's transaction (a write freeze) already holds the tables: no rollback-and-retry here
+                src.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{spec.capture.ddl_lock_timeout_ms}ms")))
+                dropped = drop()
+        except LOCK_ERRORS as e:
             raise CaptureError(f"capture_off ({direction}): could not lock a {r.label} table within "
                                f"capture.ddl_lock_timeout_ms={spec.capture.ddl_lock_timeout_ms} "
                                f"({e.diag.message_primary}); retry capture_off, or raise "

@@ -69,8 +69,9 @@ def _leaves(conn: psycopg.Connection, oid: int, cache: dict[int, frozenset[int]]
     return cache[oid]
 
 
-def columns(conn: psycopg.Connection, schema: str, name: str) -> dict[str, ColumnInfo]:
-    """Catalog facts of every column of schema.name ({} when the table does not exist)."""
+def columns(conn: psycopg.Connection, schema: str, name: str, *, leaves: bool = True) -> dict[str, ColumnInfo]:
+    """Catalog facts of every column of schema.name ({} when the table does not exist). The applier needs no
+    `leaves` (only the trigger's settings do), which saves a catalog round trip per type."""
     rows = conn.execute(
         """WITH RECURSIVE base(oid, b, depth) AS (
                SELECT a.atttypid, a.atttypid, 0 FROM pg_attribute a
@@ -86,7 +87,8 @@ def columns(conn: psycopg.Connection, schema: str, name: str) -> dict[str, Colum
         {"rel": sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name)).as_string(conn)}).fetchall()
     cache: dict[int, frozenset[int]] = {}
     return {r[0]: ColumnInfo(r[0], r[1], int(r[3]), bool(r[4]), bool(r[5]), (r[6] or "").strip(),
-                             _leaves(conn, int(r[2]), cache)) for r in rows}
+                             _leaves(conn, int(r[2]), cache) if leaves else frozenset({int(r[2])}))
+            for r in rows}
 
 
 def settings_clause(infos: list[ColumnInfo]) -> sql.Composable:
