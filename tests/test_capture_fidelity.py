@@ -4,7 +4,14 @@ the source's (independent of dbguard's checksum). The writing session uses hosti
 the trigger functions must pin. A few types also go through reverse capture (target -> source)."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -12,12 +19,12 @@ from psycopg import sql
 
 from dbguard import capture, db
 
+from conftest import _create_db, _drop_db
 from util import spec as make_spec
 
 RUN = "fidelity"
 
 SETUP = """
-CREATE EXTENSION IF NOT EXISTS vector;
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
 CREATE TYPE pair AS (a integer, b text);
@@ -83,30 +90,45 @@ def table_name(t: str) -> str:
     return "v_" + re.sub(r"[^a-z0-9]+", "_", t.replace("[]", " arr")).strip("_")
 
 
-def build_spec():
+def values_for(*dsns: str) -> dict[str, list[str]]:
+    """The catalogue, less what one of the servers cannot hold (pgvector not installed; interval
+    ±infinity before PostgreSQL 17)."""
+    out = dict(VALUES)
+    for dsn in dsns:
+        with psycopg.connect(dsn) as c:
+            if c.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'").fetchone()[0] == 0:
+                out.pop("vector(3)", None)
+            if c.info.server_version < 170000:
+                out["interval"] = [v for v in out["interval"] if "infinity" not in v]
+    return out
+
+
+def build_spec(values: dict[str, list[str]]):
     tables = [{"name": table_name(t), "schema": "public", "key": ["k"],
-               "columns": [{"name": "k", "type": "integer"}, {"name": "v", "type": t}]} for t in VALUES]
+               "columns": [{"name": "k", "type": "integer"}, {"name": "v", "type": t}]} for t in values]
     return make_spec(tables, name="fidelity")
 
 
-def create(dsn: str) -> None:
+def create(dsn: str, values: dict[str, list[str]]) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
+        if "vector(3)" in values:
+            c.execute("CREATE EXTENSION IF NOT EXISTS vector")
         c.execute(SETUP)
-        for t in VALUES:
+        for t in values:
             c.execute(sql.SQL("CREATE TABLE public.{} (k integer PRIMARY KEY, v {})").format(
                 sql.Identifier(table_name(t)), sql.SQL(t)))
 
 
-def rows(conn_id: str) -> dict[str, list[tuple]]:
+def rows(conn_id: str, values: dict[str, list[str]]) -> dict[str, list[tuple]]:
     """Every table's rows as (k, row text, value text) under dbguard's canonical session settings."""
     with db.connect(conn_id) as c:
         return {t: c.execute(sql.SQL("SELECT k, x::text, v::text FROM public.{} x ORDER BY k").format(
-            sql.Identifier(table_name(t)))).fetchall() for t in VALUES}
+            sql.Identifier(table_name(t)))).fetchall() for t in values}
 
 
-def assert_same(phase: str) -> None:
-    src, tgt = rows("dbguard_source"), rows("dbguard_target")
-    bad = {t: (src[t], tgt[t]) for t in VALUES if src[t] != tgt[t]}
+def assert_same(phase: str, values: dict[str, list[str]]) -> None:
+    src, tgt = rows("dbguard_source", values), rows("dbguard_target", values)
+    bad = {t: (src[t], tgt[t]) for t in values if src[t] != tgt[t]}
     assert not bad, f"{phase}: differs for {list(bad)}: " + "; ".join(
         f"{t}: source {s} target {g}" for t, (s, g) in list(bad.items())[:3])
 
@@ -122,58 +144,66 @@ def write(dsn: str, statements: list[sql.Composable]) -> int:
 
 
 def test_every_value_round_trips_through_capture_byte_for_byte(dbpair):
-    create(dbpair.src_dsn)
-    create(dbpair.tgt_dsn)
-    spec = build_spec()
+    run_matrix(dbpair.src_dsn, dbpair.tgt_dsn)
+
+
+def run_matrix(src_dsn: str, tgt_dsn: str) -> None:
+    """Insert, update, key change, delete of every catalogue value source -> target, then a few types
+    target -> source; each phase compared row by row."""
+    vals = values_for(src_dsn, tgt_dsn)  # the catalogue this pair of servers can hold
+    create(src_dsn, vals)
+    create(tgt_dsn, vals)
+    spec = build_spec(vals)
     capture.capture_on(spec, RUN)
 
     def drain(direction="forward"):
         res = capture.drain(spec, RUN, direction=direction)
-        assert res["dual_write_fail"] == 0 and res["lag"] == 0, sorted({f["error"] for f in capture.failures(spec, RUN, direction)})
+        errors = sorted({f["error"] for f in capture.failures(spec, RUN, direction)})
+        assert res["dual_write_fail"] == 0 and res["lag"] == 0, errors
         return res
 
-    rel = {t: sql.Identifier("public", table_name(t)) for t in VALUES}
-    n_values = sum(len(v) for v in VALUES.values())
+    rel = {t: sql.Identifier("public", table_name(t)) for t in vals}
+    n_values = sum(len(v) for v in vals.values())
     # insert: row k holds value k (and one NULL row per type)
-    write(dbpair.src_dsn, [sql.SQL("INSERT INTO {} VALUES ({}, {})").format(rel[t], sql.Literal(i + 1), sql.SQL(v))
-                           for t, vs in VALUES.items() for i, v in enumerate(vs)]
-          + [sql.SQL("INSERT INTO {} VALUES (0, NULL)").format(rel[t]) for t in VALUES])
-    assert drain()["applied"] == n_values + len(VALUES)
-    assert_same("insert")
+    write(src_dsn, [sql.SQL("INSERT INTO {} VALUES ({}, {})").format(rel[t], sql.Literal(i + 1), sql.SQL(v))
+                           for t, vs in vals.items() for i, v in enumerate(vs)]
+          + [sql.SQL("INSERT INTO {} VALUES (0, NULL)").format(rel[t]) for t in vals])
+    assert drain()["applied"] == n_values + len(vals)
+    assert_same("insert", vals)
     # update: every row to the next value (a one-value type goes to NULL and back), NULL row to a value
     ups = []
-    for t, vs in VALUES.items():
+    for t, vs in vals.items():
         for i in range(len(vs)):
             nxt = vs[(i + 1) % len(vs)] if len(vs) > 1 else "NULL"
             ups.append(sql.SQL("UPDATE {} SET v = {} WHERE k = {}").format(rel[t], sql.SQL(nxt), sql.Literal(i + 1)))
         ups.append(sql.SQL("UPDATE {} SET v = {} WHERE k = 0").format(rel[t], sql.SQL(vs[0])))
-    write(dbpair.src_dsn, ups)
+    write(src_dsn, ups)
     drain()
-    assert_same("update")
+    assert_same("update", vals)
     # key change: every row moves to k + 100 (its value travels with it)
-    write(dbpair.src_dsn, [sql.SQL("UPDATE {} SET k = k + 100").format(rel[t]) for t in VALUES])
+    write(src_dsn, [sql.SQL("UPDATE {} SET k = k + 100").format(rel[t]) for t in vals])
     drain()
-    assert_same("key change")
+    assert_same("key change", vals)
     with db.connect("dbguard_target") as c:
         assert c.execute("SELECT count(*) FROM public.v_real WHERE k < 100").fetchone()[0] == 0
     # delete: every other row
-    write(dbpair.src_dsn, [sql.SQL("DELETE FROM {} WHERE k % 2 = 0").format(rel[t]) for t in VALUES])
+    write(src_dsn, [sql.SQL("DELETE FROM {} WHERE k % 2 = 0").format(rel[t]) for t in vals])
     drain()
-    assert_same("delete")
+    assert_same("delete", vals)
 
     # reverse: the target is now the primary; a few types written there come back exactly
     capture.capture_on(spec, RUN, direction="reverse")
-    few = ["double precision", "numeric", "json", "integer[]", "interval", "timestamptz", "money", "vector(3)",
-           "pair", "bytea"]
+    few = [t for t in ("double precision", "numeric", "json", "integer[]", "interval", "timestamptz", "money",
+                       "vector(3)", "pair", "bytea") if t in vals]
     stmts = []
     for t in few:
-        stmts.append(sql.SQL("INSERT INTO {} VALUES (500, {})").format(rel[t], sql.SQL(VALUES[t][-1])))
-        stmts.append(sql.SQL("UPDATE {} SET v = {} WHERE k = 101").format(rel[t], sql.SQL(VALUES[t][0])))
+        stmts.append(sql.SQL("INSERT INTO {} VALUES (500, {})").format(rel[t], sql.SQL(vals[t][-1])))
+        stmts.append(sql.SQL("UPDATE {} SET v = {} WHERE k = 101").format(rel[t], sql.SQL(vals[t][0])))
         stmts.append(sql.SQL("UPDATE {} SET k = 600 WHERE k = 500").format(rel[t]))
         stmts.append(sql.SQL("DELETE FROM {} WHERE k = 103").format(rel[t]))
-    changed = write(dbpair.tgt_dsn, stmts)
+    changed = write(tgt_dsn, stmts)
     assert changed >= 3 * len(few) and drain("reverse")["applied"] == changed
-    assert_same("reverse")
+    assert_same("reverse", vals)
     # loop guard: the reverse applier's writes on the source were not captured forward
     assert capture.drain(spec, RUN)["applied"] == 0
 
@@ -243,3 +273,55 @@ def test_money_inside_an_array_is_refused_when_lc_monetary_differs(dbpair):
     with pytest.raises(capture.CaptureError, match=r"\['m.list'\] hold money inside an array"):
         capture.capture_on(spec, RUN)
     assert not capture.is_on(spec)
+
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="module")
+def pg15_server():
+    """A PostgreSQL 15 server from the machine's binaries on a free localhost port, stopped afterwards.
+    (Run as the `postgres` user when the tests run as root: initdb refuses root.)"""
+    if not (PG15_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 binaries not found in {PG15_BIN}; install postgresql-15 (the machine has them)")
+    base = Path(tempfile.mkdtemp(prefix="dbguard-capture-pg15-"))
+    os.chmod(base, 0o755)
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run_as:
+        shutil.chown(base, "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = base / "data"
+    subprocess.run(run_as + [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                             "-E", "UTF8", "--locale", "C"], check=True, capture_output=True)
+    subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                             f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_value_round_trips_from_a_postgresql_15_source(pg15_server, servers, monkeypatch):
+    """The same matrix with a PostgreSQL 15 source and the PostgreSQL 18 target (forward), and back
+    (reverse) onto PostgreSQL 15; pgvector and interval infinity are left out (not on 15)."""
+    name = "cap15_" + uuid.uuid4().hex[:8]
+    src, tgt = _create_db(pg15_server, name), _create_db(servers["target"], name)
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_SOURCE", src)
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_TARGET", tgt)
+    try:
+        with psycopg.connect(tgt) as c:
+            monetary = c.execute("SELECT current_setting('lc_monetary')").fetchone()[0]
+        with psycopg.connect(src, autocommit=True) as c:
+            assert c.info.server_version // 10000 == 15
+            # money[] prints through lc_monetary: both servers must agree (capture refuses otherwise, tested above)
+            c.execute(sql.SQL("ALTER DATABASE {} SET lc_monetary = {}").format(sql.Identifier(name),
+                                                                              sql.Literal(monetary)))
+        run_matrix(src, tgt)
+    finally:
+        _drop_db(pg15_server, name)
+        _drop_db(servers["target"], name)
