@@ -4,13 +4,13 @@ One implementation, either direction: every public function takes `direction="fo
 target, during the migration) or `"reverse"` (target -> source, after cutover); see common.Route.
 Modules: triggers (origin DDL, trigger functions, capture_on/off), applier (drain, apply_ops, read_ops,
 fence_copy), values (exact text row images and the casts back), freeze (quiesced), reads (lag, drift,
-failures, dual_write_fail, is_on), flags (control flags).
+failures, dual_write_fail, cursor, is_on), flags (control flags).
 
-Stages (each takes the spec and the run id, returns JSON-able values, is safe to re-run):
-  capture_on   create the source ledger + control table, one AFTER ROW trigger per table
-  drain        apply captured ops to the target in batches, exactly once
+Stages (each takes the spec, the run id and the direction, returns JSON-able values, is safe to re-run):
+  capture_on   create the origin ledger + control row, one AFTER ROW trigger per table (ENABLE ALWAYS)
+  drain        apply captured ops to the destination in batches, exactly once
   capture_off  drop triggers and functions (the ledger stays, for the record)
-Reads: lag, drift, dual_write_fail, flags.
+Reads: lag, drift, failures, dual_write_fail, cursor, is_on, flags. Freeze: quiesced.
 
 Ordering and idempotency. A change's op_id comes from a sequence when the
 trigger fires, not when its transaction commits, so a plain "op_id > high
