@@ -70,11 +70,11 @@ def copy_format(spec: MigrationSpec, table: Table) -> str:
 
 
 def select_list(table: Table) -> sql.Composable:
-    return sql.SQL(", ").join(source_expr(table, c) for c in table.columns)
+    return sql.SQL(", ").join(source_expr(table, c) for c in table.copy_columns)  # generated: re-generated
 
 
 def column_list(table: Table) -> sql.Composable:
-    return sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    return sql.SQL(", ").join(sql.Identifier(c.name) for c in table.copy_columns)
 
 
 WRITE_BATCH_BYTES = 1 << 20

@@ -150,8 +150,11 @@ def cmd_plan(args) -> int:
     spec = _load(args.spec)
     use_embedded_if_default(spec)
     try:  # every read-only check first: a plan of a migration that preflight would refuse is no plan
+        from . import catalog
+
+        spec = catalog.resolve(spec)  # columns completed from the source catalog
         preflight.validate(spec)
-    except (PreflightError, ConnectionFailed) as e:
+    except (PreflightError, ConnectionFailed, SpecError) as e:
         print(f"dbguard plan: {args.spec}: {e}", file=sys.stderr)
         return EXIT_USAGE
     run_id = "plan__" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")

@@ -17,7 +17,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import db, ledger, retrieval
+from . import db, ledger, retrieval, target_schema
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
@@ -359,8 +359,13 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
             tgt.execute("CREATE EXTENSION IF NOT EXISTS vector")
         for schema in sorted({t.target_schema for t in spec.tables}):
             tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        # the source's schema (types, defaults, identity/serial, CHECK/UNIQUE): see target_schema
+        with db.source(spec) as src:
+            target_schema.create_types(spec, src, tgt)
+            infos = target_schema._infos(spec, src)
         for t in spec.tables:
-            tgt.execute(create_table_sql(spec, t))
+            for stmt in target_schema.table_sql(spec, t, infos.get(t.ref), lambda c: _collation(spec, c)):
+                tgt.execute(stmt)
         tgt.commit()
         ledger.start_run(tgt, run_id, spec.name, spec.model_dump(mode="json", by_alias=True))
         if spec.has_stores:

@@ -28,7 +28,7 @@ from .errors import SpecError
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # A column type as written in DDL: words, digits, one (p[,s]) modifier, array brackets.
-_TYPE = re.compile(r"^[a-z][a-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?( [a-z ]+)?(\[\])*$")
+_TYPE = re.compile(r"^([a-z_][a-z0-9_$]*\.)?[a-z_][a-z0-9_ ]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?( [a-z ]+)?(\[\])*$")
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
@@ -41,7 +41,17 @@ def _ident(v: str) -> str:
     return v
 
 
+# A user-defined type as format_type() prints it when its name needs quotes: "OrderStatus", "s"."T"[].
+_QUOTED_PART = r'(?:"(?:[^"\x00]|"")+"|[a-z_][a-z0-9_$]*)'
+_QUOTED_TYPE = re.compile(rf"^{_QUOTED_PART}(?:\.{_QUOTED_PART})?(\[\])*$")
+
+
 def _sql_type(v: str) -> str:
+    if isinstance(v, str) and '"' in v:
+        if not _QUOTED_TYPE.match(v):
+            raise ValueError(f"{v!r} is not a type name dbguard accepts; quote a user-defined type's name as "
+                             'format_type() prints it, e.g. \'"OrderStatus"\' or \'shop."Mood"[]\'')
+        return v
     norm = " ".join(str(v).lower().split())
     if not _TYPE.match(norm):
         raise ValueError(
@@ -118,6 +128,8 @@ class Column(_Model):
     target_type: SqlType | None = Field(None, description="type on the target, when it changes")
     nullable: bool = True
     collation: LocaleName | None = Field(None, description="target collation of a text column (default target.collation)")
+    generated: bool = Field(False, description="a generated column: re-generated on the target, never copied "
+                                               "(set from the source catalog; no need to write it)")
 
     @property
     def tgt_type(self) -> str:
@@ -280,7 +292,10 @@ class Table(_Model):
     name: Ident
     schema_: Ident = Field("public", alias="schema")
     key: list[Ident] = Field(min_length=1, description="primary-key columns; ranges are planned on them")
-    columns: list[Column] = Field(min_length=1, description="the contract: every column that is migrated")
+    columns: list[Column] = Field(default_factory=list, description="the contract: declared columns are checked "
+                                  "against the source; undeclared source columns are migrated with their source type")
+    exclude_columns: list[Ident] = Field(default_factory=list, description="source columns NOT migrated "
+                                         "(listed in the run report as excluded_columns)")
     foreign_keys: list[ForeignKey] = Field(default_factory=list)
     target: TableTarget = Field(default_factory=TableTarget)
     vector: list[VectorStore] = Field(default_factory=list, description="pgvector stores in this table")
@@ -294,6 +309,16 @@ class Table(_Model):
     def target_name(self) -> str:
         return self.target.name or self.name
 
+    @property
+    def ref(self) -> str:
+        """How the rest of dbguard names this table (ledger, ranges, capture, error messages)."""
+        return self.name
+
+    @property
+    def copy_columns(self) -> list[Column]:
+        """Columns the copy carries: generated columns are re-generated on the target, never copied."""
+        return [c for c in self.columns if not c.generated]
+
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
 
@@ -303,6 +328,13 @@ class Table(_Model):
         for i, n in enumerate(names):
             if n in names[:i]:
                 raise _At(("columns", i), f"column {n!r} is declared twice; keep one declaration")
+        for i, x in enumerate(self.exclude_columns):
+            if x in self.key:
+                raise _At(("exclude_columns", i), f"{x!r} is a key column; a key column cannot be excluded")
+            if x in names:
+                raise _At(("exclude_columns", i), f"{x!r} is declared under columns; drop one of the two")
+        if not names:  # columns come from the source catalog (catalog.resolve checks the names then)
+            return self
         missing = [k for k in self.key if k not in names]
         if missing:
             raise _At("key", f"key column(s) {missing} are not in columns; declare them under columns "
@@ -490,7 +522,7 @@ class MigrationSpec(_Model):
                               f"{fk.references!r} is not a table of this spec {names}; "
                               "add that table or drop the foreign key")
                 parent = self.table(fk.references)
-                bad = [c for c in fk.ref_columns if c not in {c.name for c in parent.columns}]
+                bad = [c for c in fk.ref_columns if parent.columns and c not in {c.name for c in parent.columns}]
                 if bad:
                     raise _At(("tables", ti, "foreign_keys", fi, "ref_columns"),
                               f"{bad} are not columns of {parent.name!r}")

@@ -7,16 +7,26 @@ arguments and calls these.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import psycopg
 
-from . import capture, db, ledger, preflight as pf, report, retrieval
+from . import capture, catalog, db, ledger, preflight as pf, report, retrieval, target_schema
 from .backfill import copy_range as _copy_range
 from .ranges import KeyRange, plan
 from .reconcile import reconcile_table
 from .errors import DbguardError, PreflightError
 from .spec import MigrationSpec
+
+
+def _resolved(fn):
+    """Stage entry points see the resolved spec: every table's columns completed from the source
+    catalog (catalog.resolve: undeclared columns added, exclude_columns left out; cached per process)."""
+    @functools.wraps(fn)
+    def wrapper(spec: MigrationSpec, *args, **kw):
+        return fn(catalog.resolve(spec), *args, **kw)
+    return wrapper
 
 
 def _event(spec: MigrationSpec, run_id: str, stage: str, detail: dict, **kw) -> None:
@@ -28,6 +38,7 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     """Read-only checks (contract, privileges, headroom), then target creation + schema freeze.
     A refusal is recorded as event preflight_failed (when the target is reachable) before it is raised."""
     try:
+        spec = catalog.resolve(spec, fresh=True)  # the source schema as it is now
         checks = pf.validate(spec)
     except PreflightError as e:
         with contextlib.suppress(DbguardError, psycopg.Error), db.target(spec) as tgt:
@@ -38,6 +49,9 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
         return {"dry_run": True, **checks}
     applied = pf.apply(spec, run_id)
     out = {**checks, **applied}
+    with db.target(spec) as tgt:  # what is left out on purpose, for the run report
+        ledger.set_metric(tgt, run_id, spec.name, "excluded_columns",
+                          {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns})
     _event(spec, run_id, "preflight", out)
     return out
 
@@ -46,11 +60,13 @@ def _capturing(spec: MigrationSpec) -> bool:
     return spec.capture.enabled and capture.is_on(spec)
 
 
+@_resolved
 def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Dual writes on: source triggers write every change to the ledger from now on."""
     return capture.capture_on(spec, run_id)
 
 
+@_resolved
 def drain_gate(spec: MigrationSpec, run_id: str) -> tuple[bool | None, str]:
     """Apply captured changes; pass when the lag is within gates.max_lag_ops, poke again while it is
     not, fail at once when an op could not be applied (dual_write_fail > 0)."""
@@ -68,6 +84,7 @@ def _dual_write_failures(spec: MigrationSpec, run_id: str) -> str:
     return f"dual_write_fail = {n}: op_ids {op_ids[:50]}; {errors}"
 
 
+@_resolved
 def plan_ranges(spec: MigrationSpec, run_id: str, table: str, *, batch_rows: int | None = None) -> list[dict]:
     """Key ranges for one table, read from the source only: [{"table", "range_id", "lo", "hi", "label", "planned"}]."""
     t = spec.table(table)
@@ -76,6 +93,7 @@ def plan_ranges(spec: MigrationSpec, run_id: str, table: str, *, batch_rows: int
     return [{**r.to_dict(), "planned": len(ranges)} for r in ranges]
 
 
+@_resolved
 def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]:
     """Copy one range (idempotent), verify count+checksum+orphans."""
     r = KeyRange.from_dict(krange)
@@ -96,6 +114,7 @@ def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, A
     return {"checksum_ok": ok, "migrated_rows": migrated, "tables": tables}
 
 
+@_resolved
 def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Whole-table count+checksum, bisection, repair, re-verify, table by table."""
     if _capturing(spec):
@@ -103,6 +122,7 @@ def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return _reconcile_all(spec, run_id, "reconcile")
 
 
+@_resolved
 def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """With dual writes on: freeze source writes briefly, drain to zero lag, reconcile whole tables.
     Under a live writer only this comparison is exact; it overrides the earlier reconcile verdict."""
@@ -116,6 +136,7 @@ def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return {**out, **info}
 
 
+@_resolved
 def checksum_problems(spec: MigrationSpec, run_id: str, *, completeness_only: bool = False) -> list[str]:
     """Every reason the checksum gate must not pass; empty when it may."""
     with db.target(spec) as tgt:
@@ -157,6 +178,7 @@ def record_gate_failure(spec: MigrationSpec, run_id: str, gate: str, message: st
     _event(spec, run_id, f"{gate}_failed", {"message": message})
 
 
+@_resolved
 def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     """(passed, message): passes only at 100 % completeness and equal checksums (verified under a
     brief write freeze when dual writes are on)."""
@@ -168,6 +190,7 @@ def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
 
 
+@_resolved
 def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[str, Any]:
     """Undo run-scoped holds on the source: apply the last captured changes and drop capture under a
     brief write freeze (so no write falls between), then lift the schema freeze. Safe to call twice.
@@ -209,11 +232,26 @@ def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[st
     return out
 
 
+@_resolved
+def finish_schema(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """After the backfill is reconciled: the source's foreign keys (NOT VALID, then VALIDATE) and its other
+    indexes on the target (target_schema.finish), then every remaining schema difference is recorded
+    (metric schema_differences; empty when the target could serve as primary)."""
+    done = target_schema.finish(spec, run_id)
+    diffs = target_schema.differences(spec)
+    with db.target(spec) as tgt:
+        ledger.set_metric(tgt, run_id, spec.name, "schema_differences", diffs, commit=False)
+        ledger.event(tgt, run_id, spec.name, "finish_schema", {**done, "differences": diffs})
+    return {**done, "differences": diffs}
+
+
+@_resolved
 def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """ANN and GIN indexes built offline on the verified target; INDEX_HASH into the manifest."""
     return retrieval.build_indexes(spec, run_id)
 
 
+@_resolved
 def shadow_reads(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """Every gold query on source and target (A/A noise floor, two seeds): delta_s_diff, lambda_state."""
     return retrieval.shadow_reads(spec, run_id)
@@ -228,6 +266,7 @@ def latest_run(spec: MigrationSpec) -> str | None:
     return row[0] if row else None
 
 
+@_resolved
 def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: bool = False) -> dict[str, Any]:
     """Abort a run and leave the source as it was: last drain + capture off, schema freeze lifted,
     the run marked rolled_back. With drop_target, the migrated target tables are dropped too (the

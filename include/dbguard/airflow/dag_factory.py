@@ -2,7 +2,7 @@
 
 The DAG is a chain of stages, each added by one builder in `STAGES`:
 
-    preflight -> capture_on -> backfill[table...] -> drain_changes -> reconcile -> checksum_gate
+    preflight -> capture_on -> backfill[table...] -> drain_changes -> reconcile -> finish_schema -> checksum_gate
       -> build_indexes -> shadow_reads -> retrieval_gate -> release -> finalize
 
 A builder takes the `Build` and hangs its tasks after `build.tail`. A later
@@ -29,6 +29,7 @@ from .operators import (
     CaptureOnOperator,
     CopyRangeOperator,
     FinalizeOperator,
+    FinishSchemaOperator,
     PlanRangesOperator,
     PreflightOperator,
     ReconcileOperator,
@@ -95,6 +96,11 @@ def reconcile(b: Build) -> None:
     b.then(ReconcileOperator(task_id="reconcile", spec_path=b.spec_path))
 
 
+def finish_schema(b: Build) -> None:
+    """Foreign keys (NOT VALID, then VALIDATE) and non-key indexes, once the data is in (target_schema)."""
+    b.then(FinishSchemaOperator(task_id="finish_schema", spec_path=b.spec_path))
+
+
 def checksum_gate(b: Build) -> None:
     b.then(GateSensor(task_id="checksum_gate", spec_path=b.spec_path, gate="checksum_gate",
                       timeout_minutes=b.spec.gates.checksum_timeout_minutes, poke_interval=5))
@@ -112,7 +118,7 @@ def retrieval_stages(b: Build) -> None:
                                poke_interval=b.spec.retrieval.poke_seconds))
 
 
-STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, checksum_gate,
+STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, finish_schema, checksum_gate,
                               retrieval_stages]
 
 

@@ -83,6 +83,13 @@ class ReconcileOperator(StageOperator):
         return stages.reconcile(self.spec(), context["run_id"])
 
 
+class FinishSchemaOperator(StageOperator):
+    """Foreign keys (validated) and the source's other indexes on the target, after the backfill."""
+
+    def execute(self, context):
+        return stages.finish_schema(self.spec(), context["run_id"])
+
+
 class BuildIndexesOperator(StageOperator):
     def execute(self, context):
         return stages.build_indexes(self.spec(), context["run_id"])
