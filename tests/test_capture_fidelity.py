@@ -325,3 +325,31 @@ def test_every_value_round_trips_from_a_postgresql_15_source(pg15_server, server
     finally:
         _drop_db(pg15_server, name)
         _drop_db(servers["target"], name)
+
+
+def test_declared_transforms_apply_to_captured_rows_as_in_the_backfill(dbpair):
+    """A vector store declared `normalize: true`: the backfill copies l2_normalize(embedding); a row the
+    application writes during the run must arrive the same way (and a checksum over the transform agrees)."""
+    spec = make_spec([{"name": "documents", "schema": "public", "key": ["id"],
+                       "columns": [{"name": "id", "type": "bigint"}, {"name": "title", "type": "text"},
+                                   {"name": "embedding", "type": "vector(3)"}],
+                       "vector": [{"column": "embedding", "dim": 3, "source_metric": "l2", "source_normalized": False,
+                                   "metric": "cosine", "normalize": True, "embed_model": "test-v1"}]}],
+                     name="vec", gold="include/gold/demo_docs.jsonl")
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            c.execute("CREATE TABLE public.documents (id bigint PRIMARY KEY, title text, embedding vector(3))")
+    capture.capture_on(spec, RUN)
+    with psycopg.connect(dbpair.src_dsn, autocommit=True) as c:
+        c.execute("INSERT INTO public.documents SELECT g, 'doc ' || g, ARRAY[g, -2 * g, 0.5]::vector(3) "
+                  "FROM generate_series(1, 20) g")
+        c.execute("UPDATE public.documents SET embedding = '[3,4,0]', title = 'moved' WHERE id = 7")
+        c.execute("UPDATE public.documents SET id = 700 WHERE id = 8")
+    res = capture.drain(spec, RUN)
+    assert res["dual_write_fail"] == 0, capture.failures(spec, RUN)
+    with db.connect("dbguard_source") as s, db.connect("dbguard_target") as g:
+        want = s.execute("SELECT id, title, l2_normalize(embedding)::text FROM public.documents ORDER BY id").fetchall()
+        got = g.execute("SELECT id, title, embedding::text FROM public.documents ORDER BY id").fetchall()
+    assert got == want and len(got) == 20
+    assert dict((i, e) for i, _, e in got)[7] == "[0.6,0.8,0]"

@@ -8,7 +8,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .. import db, ledger
+from .. import db, ledger, transforms
 from ..spec import MigrationSpec, Table
 from . import values
 from .common import STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, route
@@ -165,11 +165,24 @@ class _Statements:
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in rest)) if rest else \
             sql.SQL("DO NOTHING")
         overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(dest[c].identity == "a" for c in written) else "")
+        # Declared transforms (vector normalisation, a changed analyzer) apply forward, as in the backfill.
+        tfs = {c.name: transforms.source_expr(t, c) for c in t.columns} if r.forward else {}
+        changed = [c for c in written if c in tfs and tfs[c] != sql.Identifier(c)]
+        if changed:
+            inner = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) dbguard_e").format(sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(values.origin_cast(sql.SQL("(dbguard_e->>{})").format(sql.Literal(idx[c.name])),
+                                                              origin.get(c.name), dest[c.name]),
+                                           sql.Identifier(c.name)) for c in t.columns))
+            vals = sql.SQL(", ").join(
+                sql.SQL("({})::{}").format(tfs[c] if c in changed else sql.Identifier(c), sql.SQL(dest[c].type_sql))
+                for c in written)
+            source = sql.SQL("({}) dbguard_x").format(inner)
+        else:
+            vals = sql.SQL(", ").join(cast(c) for c in written)
+            source = sql.SQL("jsonb_array_elements(%s::jsonb) dbguard_e")
         self.upsert = sql.SQL(
-            "INSERT INTO {rel} ({cols}){ov} SELECT {vals} FROM jsonb_array_elements(%s::jsonb) dbguard_e "
-            "ON CONFLICT ({key}) {action}").format(
-            rel=rel, cols=cols, ov=overriding, vals=sql.SQL(", ").join(cast(c) for c in written), key=key,
-            action=action)
+            "INSERT INTO {rel} ({cols}){ov} SELECT {vals} FROM {source} ON CONFLICT ({key}) {action}").format(
+            rel=rel, cols=cols, ov=overriding, vals=vals, source=source, key=key, action=action)
         kidx = {k: i for i, k in enumerate(t.key)}
         match = sql.SQL(" AND ").join(
             sql.SQL("dbguard_t.{} = {}").format(sql.Identifier(k), values.cast_expr(

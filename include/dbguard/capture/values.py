@@ -117,3 +117,16 @@ def cast_expr(text: sql.Composable, origin: ColumnInfo | None, dest: ColumnInfo)
     if origin is not None and origin.builtin and origin.type_sql != dest.type_sql:
         return sql.SQL("{}::{}::{}").format(text, sql.SQL(origin.type_sql), sql.SQL(dest.type_sql))
     return sql.SQL("{}::{}").format(text, sql.SQL(dest.type_sql))
+
+
+def origin_cast(text: sql.Composable, origin: ColumnInfo | None, dest: ColumnInfo) -> sql.Composable:
+    """Text -> the value as the origin held it, on the destination server (for declared transforms, which
+    are written against the origin's types): money as numeric; a type the destination may not know by the
+    origin's name goes straight to the destination's type."""
+    if origin is None:
+        return sql.SQL("{}::{}").format(text, sql.SQL(dest.type_sql))
+    if origin.money:
+        return sql.SQL("{}::numeric").format(text)
+    if origin.builtin or origin.type_sql == dest.type_sql:
+        return sql.SQL("{}::{}").format(text, sql.SQL(origin.type_sql))
+    return sql.SQL("{}::{}").format(text, sql.SQL(dest.type_sql))
