@@ -328,28 +328,39 @@ def test_every_value_round_trips_from_a_postgresql_15_source(pg15_server, server
 
 
 def test_declared_transforms_apply_to_captured_rows_as_in_the_backfill(dbpair):
-    """A vector store declared `normalize: true`: the backfill copies l2_normalize(embedding); a row the
-    application writes during the run must arrive the same way (and a checksum over the transform agrees)."""
+    """A vector store declared `normalize: true` and a search store whose analyzer changes: the backfill
+    copies the transformed values; rows the application writes during the run must arrive the same way."""
+    from dbguard import transforms
+
     spec = make_spec([{"name": "documents", "schema": "public", "key": ["id"],
                        "columns": [{"name": "id", "type": "bigint"}, {"name": "title", "type": "text"},
-                                   {"name": "embedding", "type": "vector(3)"}],
+                                   {"name": "embedding", "type": "vector(3)"}, {"name": "tsv", "type": "tsvector"}],
                        "vector": [{"column": "embedding", "dim": 3, "source_metric": "l2", "source_normalized": False,
-                                   "metric": "cosine", "normalize": True, "embed_model": "test-v1"}]}],
+                                   "metric": "cosine", "normalize": True, "embed_model": "test-v1"}],
+                       "search": [{"column": "tsv", "source_columns": ["title"], "source_config": "english",
+                                   "config": "simple"}]}],
                      name="vec", gold="include/gold/demo_docs.jsonl")
+    t = spec.tables[0]
     for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            c.execute("CREATE TABLE public.documents (id bigint PRIMARY KEY, title text, embedding vector(3))")
+            c.execute("CREATE TABLE public.documents (id bigint PRIMARY KEY, title text, embedding vector(3), "
+                      "tsv tsvector)")
     capture.capture_on(spec, RUN)
     with psycopg.connect(dbpair.src_dsn, autocommit=True) as c:
-        c.execute("INSERT INTO public.documents SELECT g, 'doc ' || g, ARRAY[g, -2 * g, 0.5]::vector(3) "
-                  "FROM generate_series(1, 20) g")
-        c.execute("UPDATE public.documents SET embedding = '[3,4,0]', title = 'moved' WHERE id = 7")
+        c.execute("INSERT INTO public.documents SELECT g, 'The running dogs ' || g, ARRAY[g, -2 * g, 0.5]::vector(3), "
+                  "to_tsvector('english', 'The running dogs ' || g) FROM generate_series(1, 20) g")
+        c.execute("UPDATE public.documents SET embedding = '[3,4,0]', title = 'Moved cats' WHERE id = 7")
         c.execute("UPDATE public.documents SET id = 700 WHERE id = 8")
     res = capture.drain(spec, RUN)
     assert res["dual_write_fail"] == 0, capture.failures(spec, RUN)
+    # what the backfill would have copied: the same expressions, evaluated on the source
+    backfill = sql.SQL("SELECT id, title, ({})::text, ({})::text FROM public.documents ORDER BY id").format(
+        transforms.source_expr(t, t.column("embedding")), transforms.source_expr(t, t.column("tsv")))
     with db.connect("dbguard_source") as s, db.connect("dbguard_target") as g:
-        want = s.execute("SELECT id, title, l2_normalize(embedding)::text FROM public.documents ORDER BY id").fetchall()
-        got = g.execute("SELECT id, title, embedding::text FROM public.documents ORDER BY id").fetchall()
+        want = s.execute(backfill).fetchall()
+        got = g.execute("SELECT id, title, embedding::text, tsv::text FROM public.documents ORDER BY id").fetchall()
     assert got == want and len(got) == 20
-    assert dict((i, e) for i, _, e in got)[7] == "[0.6,0.8,0]"
+    row7 = next(r for r in got if r[0] == 7)
+    assert row7[2] == "[0.6,0.8,0]"
+    assert "'cats'" in row7[3] and "'moved'" in row7[3]  # the simple analyzer: no stemming ('cat', 'move')
