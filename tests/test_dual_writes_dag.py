@@ -144,7 +144,8 @@ def test_changes_applied_after_the_gate_are_verified_under_the_final_freeze(dbpa
     with dbpair.tgt(autocommit=True) as c:
         c.execute("CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS "
                   "$$BEGIN NEW.note := upper(NEW.note); RETURN NEW; END$$")
-        c.execute("CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON shop.orders FOR EACH ROW EXECUTE FUNCTION public.shout()")
+        c.execute("CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON shop.orders FOR EACH ROW "
+                  "EXECUTE FUNCTION public.shout()")
         c.execute("ALTER TABLE shop.orders ENABLE ALWAYS TRIGGER shout")
     with dbpair.src(autocommit=True) as c:
         c.execute("UPDATE shop.orders SET note = 'quiet' WHERE id = (SELECT min(id) FROM shop.orders)")

@@ -44,6 +44,6 @@ from .reads import LAG, cursor, drift, dual_write_fail, failures, is_on, lag
 from .triggers import ORIGIN_DDL, SOURCE_DDL, capture_off, capture_on, trigger_function_sql
 
 __all__ = ["CaptureError", "DIRECTIONS", "Route", "route", "capture_on", "capture_off", "drain", "apply_ops",
-           "read_ops", "fence_copy", "quiesced", "lag", "cursor", "drift", "failures", "dual_write_fail", "is_on", "flags",
-           "set_flags", "ensure_target", "ensure_destination", "trigger_name", "function_name",
+           "read_ops", "fence_copy", "quiesced", "lag", "cursor", "drift", "failures", "dual_write_fail", "is_on",
+           "flags", "set_flags", "ensure_target", "ensure_destination", "trigger_name", "function_name",
            "truncate_function_name", "trigger_function_sql"]

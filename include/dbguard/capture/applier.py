@@ -8,7 +8,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .. import db, ledger, transforms
+from .. import ledger, transforms
 from ..spec import MigrationSpec, Table
 from . import values
 from .common import STAGE_DRAIN, CaptureError, Route, _control, _cursor_state, route
@@ -169,10 +169,12 @@ class _Statements:
         tfs = {c.name: transforms.source_expr(t, c) for c in t.columns} if r.forward else {}
         changed = [c for c in written if c in tfs and tfs[c] != sql.Identifier(c)]
         if changed:
-            inner = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) dbguard_e").format(sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(values.origin_cast(sql.SQL("(dbguard_e->>{})").format(sql.Literal(idx[c.name])),
-                                                              origin.get(c.name), dest[c.name]),
-                                           sql.Identifier(c.name)) for c in t.columns))
+            def as_origin(c: str) -> sql.Composable:
+                text = sql.SQL("(dbguard_e->>{})").format(sql.Literal(idx[c]))
+                return sql.SQL("{} AS {}").format(values.origin_cast(text, origin.get(c), dest[c]), sql.Identifier(c))
+
+            inner = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) dbguard_e").format(
+                sql.SQL(", ").join(as_origin(c.name) for c in t.columns))
             vals = sql.SQL(", ").join(
                 sql.SQL("({})::{}").format(tfs[c] if c in changed else sql.Identifier(c), sql.SQL(dest[c].type_sql))
                 for c in written)
