@@ -168,3 +168,38 @@ def test_freeze_gives_way_instead_of_deadlocking_with_the_application(dbpair, mi
     assert "error" not in result, result.get("error")
     assert result["info"]["drained"] == 2
     assert_identical(dbpair, spec)
+
+
+ORM = [{"name": "OrderItems", "schema": "Shop", "key": ["orderId", "lineNo"],
+        "columns": [{"name": "orderId", "type": "bigint"}, {"name": "lineNo", "type": "integer"},
+                    {"name": "createdAt", "type": "timestamp with time zone"},
+                    {"name": "a'); DROP TABLE x; --", "type": "text"}]}]
+
+
+def test_orm_style_and_injection_shaped_names_capture_both_ways(dbpair):
+    spec = make_spec(ORM, name="orm")
+    ddl = ('CREATE SCHEMA "Shop"; CREATE TABLE "Shop"."OrderItems" ("orderId" bigint, "lineNo" integer, '
+           '"createdAt" timestamptz, "a\'); DROP TABLE x; --" text, PRIMARY KEY ("orderId", "lineNo"))')
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(ddl)
+    capture.capture_on(spec, RUN)
+    capture.capture_on(spec, RUN, direction="reverse")
+    assert capture.is_on(spec) and capture.is_on(spec, direction="reverse")
+    with dbpair.src(autocommit=True) as c:
+        c.execute('INSERT INTO "Shop"."OrderItems" SELECT g, 1, now(), \'x\' FROM generate_series(1, 10) g')
+        c.execute('UPDATE "Shop"."OrderItems" SET "lineNo" = 2 WHERE "orderId" = 3')
+    with dbpair.tgt(autocommit=True) as c:
+        c.execute('INSERT INTO "Shop"."OrderItems" VALUES (99, 1, now(), \'from target\')')
+    assert capture.drain(spec, RUN)["applied"] == 11
+    assert capture.drain(spec, RUN, direction="reverse")["applied"] == 1
+    for d in ("forward", "reverse"):
+        assert capture.drain(spec, RUN, direction=d)["applied"] == 0
+    assert fingerprint(dbpair.src_dsn, "Shop", "OrderItems", ["orderId", "lineNo", "createdAt"], key="orderId") == \
+        fingerprint(dbpair.tgt_dsn, "Shop", "OrderItems", ["orderId", "lineNo", "createdAt"], key="orderId")
+    for d in ("forward", "reverse"):
+        assert len(capture.capture_off(spec, RUN, direction=d)["dropped_functions"]) == 2
+    # names stayed identifiers: the odd column carried the target's write back, nothing was executed
+    with dbpair.src() as c:
+        assert c.execute('SELECT count(*) FROM "Shop"."OrderItems" WHERE "a\'); DROP TABLE x; --" = \'from target\'')\
+            .fetchone()[0] == 1
