@@ -15,7 +15,7 @@ DEMO_TASKS = {
     "preflight", "capture_on",
     "customers.plan_ranges", "customers.copy_range",
     "orders.plan_ranges", "orders.copy_range",
-    "drain_changes", "reconcile", "checksum_gate", "release", "finalize",
+    "drain_changes", "reconcile", "finish_schema", "checksum_gate", "release", "finalize",
 }
 
 

@@ -17,7 +17,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import db, ledger, retrieval, target_schema
+from . import catalog, db, ledger, retrieval, target_schema
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
@@ -55,15 +55,20 @@ WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
 """
 
 
+def _fq(conn: psycopg.Connection, schema: str, name: str) -> str:
+    """Regclass text for schema.name, quoted by psycopg (any identifier, never interpolated raw)."""
+    return db.qname(schema, name).as_string(conn)
+
+
 def _columns(conn: psycopg.Connection, schema: str, name: str) -> dict[str, tuple[str, bool, str | None]] | None:
-    fq = f'"{schema}"."{name}"'  # quoted regclass text; both parts are validated identifiers
+    fq = _fq(conn, schema, name)
     if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
         return None
     return {n: (t, nn, coll) for n, t, nn, coll in conn.execute(COLUMNS_Q, (fq,))}
 
 
 def _key_is_unique(conn: psycopg.Connection, table: Table) -> bool:
-    fq = f'"{table.schema_}"."{table.name}"'
+    fq = _fq(conn, table.schema_, table.name)
     rows = conn.execute(
         """SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_index i
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -90,13 +95,16 @@ def _contract(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
             continue
         cols = _columns(conn, t.schema_, t.name) if usable else None
         if cols is None:
+            names = [r[0] for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')", (t.schema_,))] if usable else []
             problems.append(f"{where}: source table {t.schema_}.{t.name} does not exist (or is not visible to "
-                            f"this role); fix schema/name in the spec")
+                            f"this role); fix schema/name in the spec{catalog.did_you_mean(t.name, names)}")
             continue
         for c in t.columns:
             if c.name not in cols:
                 problems.append(f"{where}.columns[{c.name}]: no such column on source {t.schema_}.{t.name}; "
-                                f"it has {sorted(cols)}")
+                                f"it has {sorted(cols)}{catalog.did_you_mean(c.name, list(cols))}")
             elif cols[c.name][0] != canonical_type(c.type):
                 problems.append(f"{where}.columns[{c.name}].type: spec says {canonical_type(c.type)!r} but the "
                                 f"source column is {cols[c.name][0]!r}; declare the source type (use target_type "
@@ -116,7 +124,7 @@ def _source_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[st
     role, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
                                    ).fetchone()
     for t in spec.tables:
-        fq = f'"{t.schema_}"."{t.name}"'
+        fq = _fq(conn, t.schema_, t.name)
         if not _schema_usable(conn, t.schema_):  # missing, or no USAGE (reported by the contract check)
             continue
         if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
@@ -138,7 +146,7 @@ def _target_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[st
     problems = []
     role = conn.execute("SELECT current_user").fetchone()[0]
     for schema in sorted({t.target_schema for t in spec.tables} | {"dbguard"}):
-        exists = conn.execute("SELECT to_regnamespace(%s)", (f'"{schema}"',)).fetchone()[0] is not None
+        exists = conn.execute("SELECT to_regnamespace(%s)", (sql.Identifier(schema).as_string(conn),)).fetchone()[0] is not None
         if not exists and not conn.execute(
                 "SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
             problems.append(f"target: missing privilege: GRANT CREATE ON DATABASE {conn.info.dbname} TO {role} "
@@ -146,7 +154,7 @@ def _target_privileges(conn: psycopg.Connection, spec: MigrationSpec) -> list[st
         elif exists and not conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
             problems.append(f"target: missing privilege: {_grant('CREATE', 'SCHEMA ' + schema, role)}")
     for t in spec.tables:
-        fq = f'"{t.target_schema}"."{t.target_name}"'
+        fq = _fq(conn, t.target_schema, t.target_name)
         if conn.execute("SELECT to_regclass(%s)", (fq,)).fetchone()[0] is None:
             continue
         for priv in ("SELECT", "INSERT", "UPDATE", "DELETE"):
@@ -331,7 +339,7 @@ def freeze(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[s
             """INSERT INTO dbguard.frozen (migration, run_id, relid, relname)
                VALUES (%s, %s, to_regclass(%s), %s)
                ON CONFLICT (migration, relid) DO UPDATE SET run_id = EXCLUDED.run_id""",
-            (spec.name, run_id, f'"{t.schema_}"."{t.name}"', f"{t.schema_}.{t.name}"))
+            (spec.name, run_id, _fq(conn, t.schema_, t.name), f"{t.schema_}.{t.name}"))
         frozen.append(f"{t.schema_}.{t.name}")
     conn.commit()
     return frozen

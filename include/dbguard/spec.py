@@ -2,8 +2,10 @@
 
 `load_spec(path)` returns a `MigrationSpec` or raises `SpecError` listing every
 problem as (field path, how to fix it). Nothing here touches a database.
-Identifiers are restricted to plain lower-case SQL names so a spec value can
-never carry SQL; they are still quoted with `psycopg.sql.Identifier` wherever used.
+Table, column, schema and index names may be any PostgreSQL identifier (ORM names such as
+"OrderItems"); they are matched exactly against the catalog and always quoted with
+`psycopg.sql.Identifier`, so a spec value never becomes SQL. The migration name and conn ids stay
+plain lower-case names (they become DAG ids and environment variable names).
 """
 from __future__ import annotations
 
@@ -72,6 +74,22 @@ def _timezone(v: str) -> str:
 Ident = Annotated[str, AfterValidator(_ident)]
 
 
+def _name(v: str) -> str:
+    """Table, column, schema and index names: any PostgreSQL identifier ORMs use ("OrderItems", "createdAt",
+    "_prisma_migrations", spaces, quotes, unicode). Safe because every use quotes it (sql.Identifier) and
+    the catalog matches it exactly; the migration name and conn ids stay plain (DAG ids, env var names)."""
+    if not isinstance(v, str) or v == "":
+        raise ValueError(f"{v!r} is not a name; give the table/column name exactly as the database spells it")
+    if "\x00" in v:
+        raise ValueError(f"{v!r} contains a NUL byte, which no PostgreSQL identifier can hold")
+    if len(v.encode("utf-8")) > 63:
+        raise ValueError(f"{v!r} is {len(v.encode('utf-8'))} bytes; PostgreSQL identifiers are at most 63 bytes")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_name)]
+
+
 def _locale(v: str) -> str:
     if not re.match(r"^[A-Za-z0-9_.@-]{1,63}$", v):
         raise ValueError(f"{v!r} is not a valid collation/locale name, e.g. 'C', 'POSIX', 'en_US.UTF-8', 'und-x-icu'")
@@ -123,7 +141,7 @@ class TargetEndpoint(Endpoint):
 
 
 class Column(_Model):
-    name: Ident
+    name: Name
     type: SqlType = Field(description="type on the source (the contract checks it)")
     target_type: SqlType | None = Field(None, description="type on the target, when it changes")
     nullable: bool = True
@@ -137,18 +155,18 @@ class Column(_Model):
 
 
 class Index(_Model):
-    columns: list[Ident] = Field(min_length=1)
+    columns: list[Name] = Field(min_length=1)
     method: Literal["btree", "hash", "gin", "gist", "brin", "hnsw", "ivfflat"] = "btree"
     unique: bool = False
     opclass: Ident | None = None
-    name: Ident | None = None
+    name: Name | None = None
     with_: dict[Ident, int | float] = Field(default_factory=dict, alias="with")
 
 
 class ForeignKey(_Model):
-    columns: list[Ident] = Field(min_length=1)
-    references: Ident = Field(description="name of another table in this spec")
-    ref_columns: list[Ident] = Field(min_length=1)
+    columns: list[Name] = Field(min_length=1)
+    references: Name = Field(description="name of another table in this spec")
+    ref_columns: list[Name] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ForeignKey":
@@ -181,7 +199,7 @@ class VectorIndex(_Model):
     ef_search: int | None = Field(None, description="hnsw: query candidate list, 1..1000 (default 40)")
     lists: int | None = Field(None, description="ivfflat: inverted lists, 1..32768 (default 100)")
     probes: int | None = Field(None, description="ivfflat: lists probed per query, 1..lists (default 1)")
-    name: Ident | None = Field(None, description="index name (default <table>_<column>_<type>_idx)")
+    name: Name | None = Field(None, description="index name (default <table>_<column>_<type>_idx)")
 
     @model_validator(mode="after")
     def _check(self) -> "VectorIndex":
@@ -227,7 +245,7 @@ class VectorIndex(_Model):
 class VectorStore(_Model):
     """A pgvector column that is migrated and must keep its retrieval quality."""
 
-    column: Ident = Field(description="the vector column (declared under columns)")
+    column: Name = Field(description="the vector column (declared under columns)")
     dim: int = Field(ge=1, le=16000, description="embedding dimension; must match vector(N) of the column")
     source_metric: Metric = Field("l2", description="distance the source is queried with: l2, cosine or ip")
     source_normalized: bool = Field(False, description="source vectors are already unit length")
@@ -245,14 +263,14 @@ class VectorStore(_Model):
 class SearchStore(_Model):
     """Full-text search: a tsvector column (or an expression over text columns) with a GIN index."""
 
-    column: Ident | None = Field(None, description="tsvector column; None = search an expression over source_columns")
-    source_columns: list[Ident] = Field(default_factory=list,
+    column: Name | None = Field(None, description="tsvector column; None = search an expression over source_columns")
+    source_columns: list[Name] = Field(default_factory=list,
                                         description="text columns the tsvector is built from")
     source_config: Ident = Field("english", description="text-search configuration (analyzer) on the source")
     config: Ident = Field("english", description="text-search configuration (analyzer) on the target")
-    embedding_column: Ident | None = Field(None, description="vector column used for ΔS of search hits "
+    embedding_column: Name | None = Field(None, description="vector column used for ΔS of search hits "
                                                             "(default: the table's vector store)")
-    index_name: Ident | None = None
+    index_name: Name | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SearchStore":
@@ -283,18 +301,18 @@ class RetrievalSettings(_Model):
 
 
 class TableTarget(_Model):
-    schema_: Ident | None = Field(None, alias="schema", description="target schema (default: the source schema)")
-    name: Ident | None = Field(None, description="target table name (default: the source name)")
+    schema_: Name | None = Field(None, alias="schema", description="target schema (default: the source schema)")
+    name: Name | None = Field(None, description="target table name (default: the source name)")
     indexes: list[Index] = Field(default_factory=list)
 
 
 class Table(_Model):
-    name: Ident
-    schema_: Ident = Field("public", alias="schema")
-    key: list[Ident] = Field(min_length=1, description="primary-key columns; ranges are planned on them")
+    name: Name
+    schema_: Name = Field("public", alias="schema")
+    key: list[Name] = Field(min_length=1, description="primary-key columns; ranges are planned on them")
     columns: list[Column] = Field(default_factory=list, description="the contract: declared columns are checked "
                                   "against the source; undeclared source columns are migrated with their source type")
-    exclude_columns: list[Ident] = Field(default_factory=list, description="source columns NOT migrated "
+    exclude_columns: list[Name] = Field(default_factory=list, description="source columns NOT migrated "
                                          "(listed in the run report as excluded_columns)")
     foreign_keys: list[ForeignKey] = Field(default_factory=list)
     target: TableTarget = Field(default_factory=TableTarget)

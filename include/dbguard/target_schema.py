@@ -179,10 +179,9 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                                     db.qname(parent.target_schema, parent.target_name),
                                     sql.SQL(", ").join(map(sql.Identifier, fk["ref_columns"])),
                                     sql.SQL(tail.replace(" NOT VALID", ""))))
-                tgt.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-                    db.qname(t.target_schema, t.target_name), sql.Identifier(fk["name"])))
                 tgt.commit()
                 done["foreign_keys"].append(f"{t.ref}.{fk['name']}")
+                _validate(spec, run_id, tgt, t, fk["name"])
             if t.target.indexes:  # the spec overrides the source's indexes
                 continue
             for ix in info.indexes + [u for u in info.uniques if not u["constraint"]]:
@@ -197,6 +196,28 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                 tgt.commit()
                 done["indexes"].append(f"{t.ref}.{ix['name']}")
     return done
+
+
+def _validate(spec: MigrationSpec, run_id: str | None, tgt: psycopg.Connection, t: Table, name: str,
+              attempts: int = 5) -> None:
+    """VALIDATE a NOT VALID foreign key. Under a live writer the target is a consistent copy only once the
+    captured changes are applied (tables are copied at different snapshots: a child row may be there before
+    its parent arrives through capture), so with capture on each attempt first drains the change ledger."""
+    from . import capture
+
+    stmt = sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(db.qname(t.target_schema, t.target_name),
+                                                                 sql.Identifier(name))
+    for i in range(attempts):
+        if spec.capture.enabled and run_id is not None and capture.is_on(spec):
+            capture.drain(spec, run_id)
+        try:
+            tgt.execute(stmt)
+            tgt.commit()
+            return
+        except psycopg.errors.ForeignKeyViolation:
+            tgt.rollback()
+            if i == attempts - 1 or not (spec.capture.enabled and capture.is_on(spec)):
+                raise
 
 
 def unfinish(spec: MigrationSpec) -> None:

@@ -81,7 +81,7 @@ def backfill(b: Build) -> None:
     """One TaskGroup per table, parents before children: plan_ranges -> copy_range.expand(krange)."""
     bf = b.spec.backfill
     for table in b.spec.table_order():
-        with TaskGroup(group_id=table.name, tooltip=f"backfill {table.schema_}.{table.name}") as group:
+        with TaskGroup(group_id=group_id(table.name), tooltip=f"backfill {table.schema_}.{table.name}") as group:
             plan = PlanRangesOperator(task_id="plan_ranges", spec_path=b.spec_path, table=table.name)
             CopyRangeOperator.partial(
                 task_id="copy_range", spec_path=b.spec_path, pool=env.pool_name(b.spec),
@@ -90,6 +90,16 @@ def backfill(b: Build) -> None:
                 map_index_template="{{ task.krange['label'] }}",
             ).expand(krange=plan.output)
         b.then(group)
+
+
+def group_id(name: str) -> str:
+    """A TaskGroup id for a table: the name itself when Airflow accepts it, else a readable ASCII form
+    plus a short hash (table names may be any identifier: "Order Items", unicode, quotes)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    return safe if safe == name else f"{safe[:40]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def reconcile(b: Build) -> None:
