@@ -44,7 +44,8 @@ TABLES = [
 
 
 def migrate(s, run_id="r"):
-    stages.preflight(s, run_id)
+    pre = stages.preflight(s, run_id)
+    assert pre["schema_differences"] == []  # the target as created, before foreign keys and indexes
     for t in s.tables:
         for r in stages.plan_ranges(s, run_id, t.name, batch_rows=500):
             assert stages.copy_range(s, run_id, r)["ok"], r["label"]
@@ -146,3 +147,15 @@ def test_describe_reads_the_catalog(dbpair):
     assert [t["name"] for t in info.types] == ["pos_int", "money2"]
     assert info.foreign_keys[0]["ref_table"] == "customers" and info.checks[0]["name"] == "orders_status_check"
     assert [ix["name"] for ix in info.indexes] == ["orders_status_idx"]
+
+
+def test_declared_target_indexes_override_the_source_ones(dbpair):
+    with dbpair.src() as c:
+        run(c, *SOURCE_DDL)
+    tables = [TABLES[0], {**TABLES[1], "target": {"indexes": [{"columns": ["note"], "name": "orders note idx"}]}}]
+    s = spec(tables)
+    fin = migrate(s)[1]
+    assert "orders.orders note idx" in fin["indexes"] and fin["differences"] == []
+    with dbpair.tgt() as c:
+        assert c.execute("""SELECT to_regclass('"orders note idx"')""").fetchone()[0] is not None
+        assert c.execute("SELECT to_regclass('orders_status_idx')").fetchone()[0] is None

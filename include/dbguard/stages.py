@@ -48,7 +48,9 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     if dry_run:
         return {"dry_run": True, **checks}
     applied = pf.apply(spec, run_id)
-    out = {**checks, **applied}
+    # the target as created, against the source (foreign keys and indexes come after the backfill)
+    out = {**checks, **applied, "schema_differences": target_schema.differences(
+        spec, ignore=("foreign keys", "indexes"))}
     with db.target(spec) as tgt:  # what is left out on purpose, for the run report
         ledger.set_metric(tgt, run_id, spec.name, "excluded_columns",
                           {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns})

@@ -145,6 +145,29 @@ def _index_target_def(idef: str, info: TableInfo, t: Table) -> str | None:
     return None
 
 
+def _index_name(table: str, columns: list[str]) -> str:
+    import hashlib
+
+    name = "_".join([table, *columns, "idx"])
+    if len(name.encode()) <= 63:
+        return name
+    return name.encode()[:50].decode(errors="ignore") + "_" + hashlib.md5(name.encode()).hexdigest()[:8]
+
+
+def declared_index_sql(t: Table, ix, name: str) -> sql.Composed:
+    """CREATE INDEX for a spec-declared target.indexes entry."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{}{}").format(sql.Identifier(c), sql.SQL(" ") + sql.Identifier(ix.opclass) if ix.opclass else sql.SQL(""))
+        for c in ix.columns)
+    with_ = sql.SQL("")
+    if ix.with_:
+        with_ = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in ix.with_.items()))
+    return sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} USING {} ({}){}").format(
+        sql.SQL("UNIQUE " if ix.unique else ""), sql.Identifier(name), db.qname(t.target_schema, t.target_name),
+        sql.SQL(ix.method), cols, with_)
+
+
 def _has_index(conn: psycopg.Connection, schema: str, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                         "WHERE n.nspname = %s AND c.relname = %s", (schema, name)).fetchone() is not None
@@ -182,7 +205,13 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                 tgt.commit()
                 done["foreign_keys"].append(f"{t.ref}.{fk['name']}")
                 _validate(spec, run_id, tgt, t, fk["name"])
-            if t.target.indexes:  # the spec overrides the source's indexes
+            if t.target.indexes:  # the spec overrides the source's indexes: build those
+                for ix in t.target.indexes:
+                    name = ix.name or _index_name(t.target_name, ix.columns)
+                    if not _has_index(tgt, t.target_schema, name):
+                        tgt.execute(declared_index_sql(t, ix, name))
+                        tgt.commit()
+                        done["indexes"].append(f"{t.ref}.{name}")
                 continue
             for ix in info.indexes + [u for u in info.uniques if not u["constraint"]]:
                 if ix.get("method") in ("hnsw", "ivfflat", "gin") and (t.vector or t.search):
@@ -250,9 +279,10 @@ def _shape(info: TableInfo, names: set[str] | None = None) -> dict[str, dict]:
     }
 
 
-def differences(spec: MigrationSpec) -> list[str]:
+def differences(spec: MigrationSpec, *, ignore: tuple[str, ...] = ()) -> list[str]:
     """Every way the target tables differ from the source tables: [] when the target could be primary.
-    Declared type changes (target_type) and excluded columns are the spec's intent, not differences."""
+    Declared type changes (target_type) and excluded columns are the spec's intent, not differences.
+    `ignore` leaves out kinds not built yet (preflight: ("foreign keys", "indexes"), built after the backfill)."""
     out = []
     spec = catalog.resolve(spec)
     with db.source(spec) as src, db.target(spec) as tgt:
@@ -282,6 +312,8 @@ def differences(spec: MigrationSpec) -> list[str]:
                 if name not in s["columns"]:
                     out.append(f"{where}: column {name!r} exists only on the target")
             for label in ("primary key", "checks", "unique", "foreign keys", "indexes"):
+                if label in ignore:
+                    continue
                 if label == "indexes" and (t.target.indexes or t.vector or t.search):
                     continue  # the spec decides the target's indexes
                 if label == "primary key" and s[label] and sorted(s[label]) != sorted(t.key):
