@@ -129,8 +129,8 @@ def test_quiesced_is_bounded_names_the_blocker_and_retries(dbpair, migrated):
     assert f"pid {blocker.info.backend_pid}" in msg and "idle in transaction" in msg
     assert "lock_timeout_ms=150" in msg and "3 attempt(s)" in msg
     # the blocker ends during the retries: the next attempt freezes, drains its write and succeeds
-    threading.Timer(0.4, blocker.commit).start()
-    with capture.quiesced(spec, RUN, lock_timeout_ms=150, retries=10) as (_, info):
+    threading.Timer(1.0, blocker.commit).start()
+    with capture.quiesced(spec, RUN, lock_timeout_ms=150, retries=30) as (_, info):
         assert info["attempts"] > 1
     blocker.close()
     assert info["drained"] == 1 and info["freeze_ms"] >= 0
