@@ -141,6 +141,21 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def cmd_init(args) -> int:
+    """A complete spec from the source catalog, on stdout (reads only)."""
+    from . import init_spec
+    from .spec import _ident
+
+    try:
+        _ident(args.name)
+    except ValueError as e:
+        raise SpecError("dbguard init", [("NAME", f"{e}; it becomes the DAG id dbguard_<NAME>")]) from None
+    tables = [x.strip() for x in args.tables.split(",") if x.strip()] if args.tables else None
+    print(init_spec.generate(args.name, args.source, args.target, schema=args.schema, tables=tables,
+                             gold=args.gold), end="")
+    return EXIT_OK
+
+
 def cmd_plan(args) -> int:
     from . import stages
 
@@ -354,6 +369,15 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a spec; exit 2 listing every problem")
     v.add_argument("spec")
     v.set_defaults(fn=cmd_validate)
+    ini = sub.add_parser("init", help="write a complete spec YAML to stdout from the source catalog (reads only)")
+    ini.add_argument("name", help="migration name (the DAG id is dbguard_<name>)")
+    ini.add_argument("--source", required=True, help="source conn id (or AIRFLOW_CONN_<ID> / a URI)")
+    ini.add_argument("--target", required=True, help="target conn id")
+    ini.add_argument("--schema", help="only tables of this schema (default: every non-system schema)")
+    ini.add_argument("--tables", help="comma-separated table names (schema.table when no --schema)")
+    ini.add_argument("--gold", help="gold set (JSONL) for the retrieval gate: vector/tsvector columns become "
+                                    "retrieval stores (without it they are emitted commented out)")
+    ini.set_defaults(fn=cmd_init)
     pl = sub.add_parser("plan", help="tables, key ranges, gates and window; reads only")
     pl.add_argument("spec")
     pl.add_argument("--batch-rows", type=batch_rows_arg)
