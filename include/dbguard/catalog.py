@@ -69,9 +69,11 @@ class TableInfo:
 
 
 def regclass(conn: psycopg.Connection, schema: str, name: str) -> int | None:
-    """OID of schema.name, or None; the name is quoted, so any identifier works."""
+    """OID of schema.name, or None; the name is quoted, so any identifier works. None too when this role
+    lacks USAGE on the schema (to_regclass would raise): preflight names the missing GRANT."""
     text = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name)).as_string(conn)
-    row = conn.execute("SELECT to_regclass(%s)::oid", (text,)).fetchone()
+    row = conn.execute("SELECT CASE WHEN has_schema_privilege(oid, 'USAGE') THEN to_regclass(%s)::oid END "
+                       "FROM pg_namespace WHERE nspname = %s", (text, schema)).fetchone()
     return row[0] if row else None
 
 
