@@ -72,3 +72,31 @@ def test_run_ends_with_one_json_line_and_exit_0(airflow_db, dbpair, tmp_path):
     assert (result["migration"], result["status"], result["checksum_ok"], result["migrated_rows"]) == (
         "demo_shop", "success", True, 10_000)
     assert "ended success" in proc.stderr
+
+
+def test_run_is_quiet_with_progress_and_airflow_log_in_a_file(airflow_db, dbpair, tmp_path):
+    """stdout: the JSON line only; stderr: a few lines (stages, ranges done/total, rows/s); Airflow's ~230
+    log lines go to a file beside the report, named on stderr."""
+    demo.load_shop(dbpair.source, customers=2000, orders=8000)
+    env = {**os.environ, "DBGUARD_REPORT_DIR": str(tmp_path / "reports")}
+    proc = subprocess.run([str(DBGUARD), "run", str(DEMO_SPEC), "--batch-rows", "2000"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
+    assert len(out) == 1 and json.loads(out[0])["status"] == "success"
+    assert len(err) <= 40, proc.stderr
+    assert any("ranges 5/5" in ln and "rows/s" in ln for ln in err), proc.stderr  # progress from the ledger
+    assert not any("airflow" in ln.lower() and "INFO" in ln for ln in err), proc.stderr
+    log = Path(next(ln for ln in err if ln.startswith("dbguard: airflow log: ")).split(": ", 2)[2])
+    assert log.is_file() and log.parent == tmp_path / "reports" / "dbguard_demo_shop"
+    assert log.name.endswith(".airflow.log") and len(log.read_text().splitlines()) > 50
+    report = Path(json.loads(out[0])["report"])
+    assert report.is_file() and f"dbguard: report: {report}" in err
+
+
+def test_progress_line_reads_the_ledger():
+    from dbguard import progress
+
+    snap = progress.Snapshot("r", "backfill", planned=10, verified=4, rows=40_000, copy_seconds=2.0)
+    text = progress.line(snap, 12.0)
+    assert text == "[12s] backfill: ranges 4/10, 40,000 rows, 20,000 rows/s, ETA 3s", text

@@ -1,8 +1,9 @@
 """`dbguard validate | plan | run | rollback | demo | embedded | pools`.
 
 `run` and `demo` execute the spec's DAG in-process through `dag.test()` and end
-with one JSON line (keys `ledger.RESULT_KEYS`) as the LAST line of stdout; all
-logging, Airflow's included, goes to stderr. Exit codes: 0 success (or a dry run
+with one JSON line (keys `ledger.RESULT_KEYS`) as the LAST line of stdout. stderr gets
+a progress line (from the ledger) and a few plain lines; Airflow's own log goes to
+reports/<dag_id>/<run>.airflow.log, named at the end (`--verbose`: on stderr instead). Exit codes: 0 success (or a dry run
 whose checks passed), 1 the run failed, 2 the spec or the arguments are wrong.
 """
 from __future__ import annotations
@@ -30,9 +31,52 @@ DEMO_DB = "dbguard_demo"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+_TERM = None  # the terminal's stderr while Airflow's output goes to a log file (see airflow_log_to)
+
+
 def say(msg: str) -> None:
     """Human-readable progress: stderr, so stdout stays machine-readable."""
-    print(f"dbguard: {msg}", file=sys.stderr, flush=True)
+    print(f"dbguard: {msg}", file=_TERM or sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def airflow_log_to(path: Path, *, verbose: bool = False):
+    """Send everything written to fd 1 and 2 (Airflow's loggers, task output) to `path` while the block
+    runs; `say` and the progress line keep writing to the real stderr. fd 1 stays on the log file
+    afterwards (late loggers at exit), fd 2 comes back so errors after the run print in full.
+    verbose: change nothing (Airflow's logs on stderr, as before)."""
+    global _TERM
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    _TERM = os.fdopen(os.dup(2), "w", buffering=1)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield _TERM
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def failure_details(log_path: Path, limit: int = 40) -> list[str]:
+    """The error lines of failed tasks from the Airflow log: each exception's last line, once."""
+    if not log_path.is_file():
+        return []
+    seen: list[str] = []
+    for ln in log_path.read_text(errors="replace").splitlines():
+        s = ln.strip()
+        if (("Exception: " in s or "Error: " in s) and not s.startswith(("File ", "raise ", "^"))
+                and "Traceback" not in s and s not in seen):
+            seen.append(s)
+    return seen[-limit:]
 
 
 def claim_stdout():
@@ -216,7 +260,7 @@ def _fallback_result(spec: MigrationSpec, run_id: str | None) -> dict:
     return {**values, "migration": spec.name, "status": "failed"}
 
 
-def run_spec(spec_path: str, conf: dict) -> dict:
+def run_spec(spec_path: str, conf: dict, *, verbose: bool = False) -> dict:
     """Run the spec's DAG once through dag.test(); returns the result dict (ledger.RESULT_KEYS).
 
     Call after claim_stdout() (Airflow logs to stdout). Learned on Airflow 3.3.2:
@@ -238,22 +282,41 @@ def run_spec(spec_path: str, conf: dict) -> dict:
 
     from airflow.dag_processing.dagbag import DagBag
 
-    env.ensure_pool(spec)
-    bag = DagBag(str(env.DAGS_FOLDER))
-    dag = bag.dags.get(spec.dag_id)
-    if dag is None:
-        raise DbguardError(f"DAG {spec.dag_id} did not load from {env.DAGS_FOLDER}: "
-                           + ("; ".join(bag.import_errors.values()) or "not found"))
-    say(f"running {spec.dag_id} with conf {json.dumps(conf)}")
-    t0 = time.monotonic()
-    dag_run = dag.test(run_conf=conf)
+    from . import progress, report
+
+    # Airflow's own log goes beside the run's report; renamed after the run id once dag.test() made it.
+    log_dir = report.report_dir() / spec.dag_id
+    log_path = log_dir / f".airflow-{os.getpid()}.log"
+    with airflow_log_to(log_path, verbose=verbose) as term:
+        env.ensure_pool(spec)
+        bag = DagBag(str(env.DAGS_FOLDER))
+        dag = bag.dags.get(spec.dag_id)
+        if dag is None:
+            raise DbguardError(f"DAG {spec.dag_id} did not load from {env.DAGS_FOLDER}: "
+                               + ("; ".join(bag.import_errors.values()) or "not found"))
+        say(f"running {spec.dag_id} with conf {json.dumps(conf)}")
+        t0 = time.monotonic()
+        with progress.Progress(spec, term):
+            dag_run = dag.test(run_conf=conf)
+    if not verbose and log_path.exists():
+        named = log_dir / f"{report._safe(dag_run.run_id)}.airflow.log"
+        log_path.rename(named)
+        log_path = named
+    result = env.run_result(dag_run) or _fallback_result(spec, dag_run.run_id)
     say(f"DAG run {dag_run.run_id} ended {dag_run.state} in {time.monotonic() - t0:.1f}s")
-    return env.run_result(dag_run) or _fallback_result(spec, dag_run.run_id)
+    if result.get("status") not in ("success", "dry_run"):
+        for ln in ([result["reason"]] if result.get("reason") else []) + failure_details(log_path):
+            say(ln)
+    if result.get("report"):
+        say(f"report: {result['report']}")
+    if not verbose:
+        say(f"airflow log: {log_path}")
+    return result
 
 
-def _run_and_print(spec_path: str, conf: dict, real_stdout) -> int:
+def _run_and_print(spec_path: str, conf: dict, real_stdout, verbose: bool = False) -> int:
     try:
-        result = run_spec(spec_path, conf)
+        result = run_spec(spec_path, conf, verbose=verbose)
     except SpecError:
         raise
     except DbguardError as e:
@@ -293,7 +356,7 @@ def cmd_run(args) -> int:
         conf["dry_run"] = True
     if args.batch_rows:
         conf["batch_rows"] = args.batch_rows
-    return _run_and_print(args.spec, conf, claim_stdout())
+    return _run_and_print(args.spec, conf, claim_stdout(), args.verbose)
 
 
 # ---- demo / embedded --------------------------------------------------------------------
@@ -329,7 +392,7 @@ def cmd_demo(args) -> int:
         say("embedding standard-library docstrings (TF-IDF + SVD) into the source")
         counts = corpus.load_docs(spec.source.conn_id)
     say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
-    return _run_and_print(str(spec_path), {}, real_stdout)
+    return _run_and_print(str(spec_path), {}, real_stdout, args.verbose)
 
 
 def cmd_rollback(args) -> int:
@@ -387,6 +450,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="preflight checks only")
     r.add_argument("--batch-rows", type=batch_rows_arg, help="rows per key range (overrides the spec)")
     r.add_argument("--conf", action="append", metavar="KEY=VALUE", help="DAG run conf (value parsed as JSON)")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="Airflow's own log on stderr (default: a file beside the report, named at the end)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="load demo data into embedded servers and migrate it")
     d.add_argument("which", nargs="?", choices=sorted(DEMO_SPECS), default="shop",
@@ -394,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
                         "gate; docs_bad_analyzer: an analyzer mistake the gate catches (exit 1)")
     d.add_argument("--customers", type=int, default=50_000)
     d.add_argument("--orders", type=int, default=200_000)
+    d.add_argument("-v", "--verbose", action="store_true", help="Airflow's own log on stderr")
     d.set_defaults(fn=cmd_demo)
     rb = sub.add_parser("rollback", help="abort a run: last drain, capture off, freeze lifted; source untouched")
     rb.add_argument("spec")
