@@ -155,3 +155,26 @@ def test_changes_applied_after_the_gate_are_verified_under_the_final_freeze(dbpa
     with dbpair.tgt() as c:
         assert c.execute("SELECT value FROM dbguard.metrics WHERE run_id = 'tail2' AND name = 'checksum_ok'"
                          ).fetchone()[0] is False
+
+
+def test_an_abort_removes_capture_even_when_the_last_drain_cannot_run(dbpair, reports):  # noqa: F811
+    """Someone dropped a target table by hand, then aborts: rollback cannot apply the last changes there,
+    but it still removes the triggers and lifts the schema freeze, and says why the drain was skipped."""
+    from dbguard import stages
+
+    demo.load_shop(dbpair.source, customers=200, orders=600)
+    spec = load_spec(afenv.SPECS_FOLDER / "demo_shop.yaml")
+    stages.preflight(spec, "gone")
+    stages.capture_on(spec, "gone")
+    with dbpair.src(autocommit=True) as c:
+        c.execute("UPDATE shop.orders SET note = 'x' WHERE id = (SELECT min(id) FROM shop.orders)")
+    with dbpair.tgt(autocommit=True) as c:
+        c.execute("DROP TABLE shop.orders")
+    with pytest.raises(capture.CaptureError, match="destination table shop.orders does not exist"):
+        stages.release(spec, "gone")  # a normal release refuses: the change cannot be applied or verified
+    assert capture.is_on(spec)
+    out = stages.rollback(spec, "gone")
+    assert "destination table shop.orders does not exist" in out["final_drain"]["error"]
+    assert not capture.is_on(spec)
+    with dbpair.src(autocommit=True) as c:
+        c.execute("ALTER TABLE shop.orders ADD COLUMN after_abort int")  # the schema freeze is lifted

@@ -192,6 +192,24 @@ def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
 
 
+def _verify_tail(spec: MigrationSpec, run_id: str, out: dict, problems: list[str]) -> None:
+    """Under release's freeze: when the checksum gate passed and the applier applied ops since, compare whole
+    tables again (count + checksum; metrics release_verify and checksum_ok)."""
+    with db.target(spec) as tgt:
+        m = ledger.metrics(tgt, run_id)
+    applied = capture.cursor(spec, run_id).get("applied", 0)
+    if m.get("checksum_ok") is not True or m.get("applied_at_gate") is None or applied == m["applied_at_gate"]:
+        return
+    v = _reconcile_all(spec, run_id, "release_verify")
+    out["release_verify"] = {"checksum_ok": v["checksum_ok"], "applied_after_gate": applied - m["applied_at_gate"],
+                             "tables": {n: {"equal": r["equal"], "repaired_rows": r.get("repaired_rows")}
+                                        for n, r in v["tables"].items()}}
+    if not v["checksum_ok"]:
+        problems.append("tables differ after the changes applied since the checksum gate: " + "; ".join(
+            f"{n}: source {r['source']} != target {r['target']}"
+            for n, r in v["tables"].items() if not r["equal"] or r["orphans"]))
+
+
 @_resolved
 def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[str, Any]:
     """Undo run-scoped holds on the source: apply the last captured changes and drop capture under a
@@ -205,22 +223,17 @@ def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[st
     problems: list[str] = []
     try:
         if _capturing(spec):
-            with capture.quiesced(spec, run_id) as (src, info):
-                with db.target(spec) as tgt:
-                    m = ledger.metrics(tgt, run_id)
-                applied = capture.cursor(spec, run_id).get("applied", 0)
-                if verify and not info.get("dual_write_fail") and m.get("checksum_ok") is True \
-                        and m.get("applied_at_gate") is not None and applied != m["applied_at_gate"]:
-                    v = _reconcile_all(spec, run_id, "release_verify")
-                    out["release_verify"] = {"checksum_ok": v["checksum_ok"], "applied_after_gate":
-                                             applied - m["applied_at_gate"], "tables": {
-                                                 n: {"equal": r["equal"], "repaired_rows": r.get("repaired_rows")}
-                                                 for n, r in v["tables"].items()}}
-                    if not v["checksum_ok"]:
-                        problems.append("tables differ after the changes applied since the checksum gate: " + "; ".join(
-                            f"{n}: source {r['source']} != target {r['target']}"
-                            for n, r in v["tables"].items() if not r["equal"] or r["orphans"]))
-                out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
+            try:
+                with capture.quiesced(spec, run_id) as (src, info):
+                    if verify and not info.get("dual_write_fail"):
+                        _verify_tail(spec, run_id, out, problems)
+                    out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
+            except capture.CaptureError as e:
+                if verify:
+                    raise
+                # An abort removes capture even when the last drain cannot run (e.g. a target table is gone).
+                info = {"error": str(e)}
+                out["capture_off"] = capture.capture_off(spec, run_id)
             out["final_drain"] = info
             _event(spec, run_id, "write_freeze", {"stage": "release", **info})
             if verify and info.get("dual_write_fail"):
