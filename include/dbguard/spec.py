@@ -466,6 +466,32 @@ class Window(_Model):
             day = local if t >= self.start else local - dt.timedelta(days=1)
         return inside and (self.days is None or day.strftime("%a").lower() in self.days)
 
+    def next_open(self, after: dt.datetime) -> dt.datetime:
+        """The first instant >= `after` that is inside the window (`after` itself when it is inside), as an
+        aware UTC datetime. Openings are at `start` local time on the window's days; any window opens
+        within 8 days. A `start` that does not exist on a DST day (a gap) opens at the first valid minute."""
+        if self.contains(after):
+            return after.astimezone(dt.timezone.utc)
+        tz = zoneinfo.ZoneInfo(self.timezone)
+        local = after.astimezone(tz)
+        h, m = (int(x) for x in self.start.split(":"))
+        for d in range(0, 9):
+            day = (local + dt.timedelta(days=d)).date()
+            # wall-clock start on that day, normalised through UTC (a DST gap moves it forward)
+            opening = dt.datetime(day.year, day.month, day.day, h, m, tzinfo=tz).astimezone(dt.timezone.utc)
+            if opening >= after and self.contains(opening):
+                return opening
+        raise ValueError(f"window {self.describe()} never opens")  # unreachable: validated non-empty
+
+    def describe(self) -> str:
+        days = ",".join(self.days) if self.days else "daily"
+        return f"{self.start}-{self.end} {self.timezone} ({days})"
+
+    def cron(self) -> str:
+        """Cron expression for the window's openings (minute hour * * days), in `timezone`."""
+        h, m = (int(x) for x in self.start.split(":"))
+        return f"{m} {h} * * {','.join(self.days) if self.days else '*'}"
+
 
 class Capture(_Model):
     """Change capture (dual writes): source triggers -> change ledger -> idempotent applier."""
@@ -490,6 +516,13 @@ class MigrationSpec(_Model):
     schedule: str | None = Field(None, description="cron expression or preset such as '@daily'; null = manual")
     schema_freeze: bool = Field(True, description="block DDL on migrated source tables during the run")
     rollback_ttl_minutes: float = Field(60, gt=0)
+    run_cutover: bool = Field(False, description="after the gates, flip the application to the target inside the "
+                                                 "window (false: copy, verify and release; the source stays primary)")
+    soak_minutes: float = Field(0, ge=0, le=1440, description="gates must stay green this long before the flip")
+    approval: bool = Field(False, description="a human approves the flip in the UI (CLI: dbguard run --approve)")
+    window_deadline_minutes: float | None = Field(
+        None, gt=0, description="fail when the window does not open within this many minutes after the run reaches "
+                                "wait_for_window; null = wait for the next opening (at most 8 days)")
     tags: list[str] = Field(default_factory=list)
     gold: str | None = Field(None, description="gold set (JSONL) for shadow reads; relative paths resolve "
                                                "against the working directory, then the project root")
