@@ -72,3 +72,25 @@ def test_init_names_an_unknown_table(dbpair, capsys):
     assert cli.main(["init", "x", "--source", "dbguard_source", "--target", "dbguard_target",
                      "--tables", "shop.Customers"]) == 2
     assert "did you mean 'customers'" in capsys.readouterr().err
+
+
+def test_init_reads_a_generated_tsvector_config_and_orm_names(dbpair, capsys, tmp_path):
+    from util import run
+
+    with dbpair.src() as c:
+        run(c, "CREATE EXTENSION IF NOT EXISTS vector",
+            'CREATE TABLE "Articles" ("Id" bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "Title" text NOT NULL, '
+            "body text, emb vector(3), "
+            """tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce("Title", '') || ' ' || coalesce(body, ''))) STORED)""",
+            'CREATE INDEX ON "Articles" USING hnsw (emb vector_ip_ops)',
+            'CREATE TABLE "nokey" (a int)')
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text('{"id": "q1", "text": "hello", "vector": [1, 0, 0]}\n', encoding="utf-8")
+    text = init(capsys, "orm_init", "--source", "dbguard_source", "--target", "dbguard_target", "--schema", "public",
+                "--gold", str(gold))
+    assert "# skipped: public.nokey has no primary key" in text
+    path = validate(capsys, tmp_path, text, "orm_init")
+    t = load_spec(path).table("Articles")
+    assert t.key == ["Id"] and t.column("tsv").generated
+    assert (t.vector[0].dim, t.vector[0].source_metric) == (3, "ip")
+    assert (t.search[0].config, t.search[0].source_columns) == ("simple", ["Title", "body"])

@@ -158,19 +158,24 @@ def describe(conn: psycopg.Connection, schema: str, name: str) -> TableInfo | No
                                  "metric": _METRIC.get(ix["opclass"][0]) if ix else None,
                                  "index": ix["method"] if ix else None})
         elif c.type == "tsvector":
-            info.tsvectors.append({"column": c.name, **_ts_config(c, indexes)})
+            info.tsvectors.append({"column": c.name, **_ts_config(c, indexes, columns)})
     return info
 
 
-def _ts_config(c: ColumnInfo, indexes: list[dict]) -> dict:
-    """The text-search configuration a generated tsvector shows (to_tsvector('english'::regconfig, ...))."""
+def _ts_config(c: ColumnInfo, indexes: list[dict], columns: list[ColumnInfo]) -> dict:
+    """The text-search configuration a generated tsvector (or an index expression) shows, e.g.
+    to_tsvector('english'::regconfig, ...), and the text columns that expression reads."""
     import re
 
-    for text in [c.generated or "", c.default or "", *(x["def"] for x in indexes)]:
-        m = re.search(r"to_tsvector\('([^']+)'::regconfig,\s*(.*)\)", text)
+    for text in [c.generated or "", *(x["def"] for x in indexes)]:
+        m = re.search(r"to_tsvector\('([^']+)'::regconfig,(.*)\)", text)
         if m:
-            cols = re.findall(r"\(?\"?([A-Za-z_][A-Za-z0-9_]*)\"?\)?(?:\s*\|\|)", m.group(2) + " ||")
-            return {"config": m.group(1), "source_columns": [x for x in cols if x not in ("COALESCE", "coalesce")]}
+            body = m.group(2)
+            used = [o.name for o in columns if o.name != c.name and (
+                o.type in ("text", "character varying") or o.type.startswith(("character varying(", "character(")))]
+            used = [n for n in used if re.search(r'(?<![\w"])(' + re.escape(n) + "|" +
+                                                 re.escape(sql.Identifier(n).as_string(None)) + r')(?![\w"])', body)]
+            return {"config": m.group(1).split(".")[-1], "source_columns": used}
     return {"config": None, "source_columns": []}
 
 
