@@ -117,6 +117,8 @@ def test_orm_identifiers_through_a_real_dag_run_with_a_live_writer(airflow_db, d
         assert b.execute('SELECT count(*) FROM "App Data"."Orders"').fetchone()[0] == 400 + writer.ops
         assert a.execute("""SELECT to_regclass('"App Data".y')""").fetchone()[0] is not None
         assert b.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated").fetchone()[0] == 1
+        for rel, col in (('"App Data".order_items', "id"), ('"App Data"."Orders"', "Id")):  # serial, identity
+            assert b.execute("SELECT pg_get_serial_sequence(%s, %s)", (rel, col)).fetchone()[0] is not None, rel
     assert group_id(EVIL) != EVIL and group_id("OrderItems") == "OrderItems"
 
 

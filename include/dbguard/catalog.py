@@ -35,6 +35,7 @@ class ColumnInfo:
     collation: str | None   # non-default collation name
     sequence: str | None    # owned sequence (identity or serial), qualified
     type_oid: int = 0
+    sequence_name: str | None = None  # the owned sequence's own name (unqualified, unquoted)
 
 
 @dataclass
@@ -83,7 +84,9 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        a.attidentity, CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
        CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation
             THEN (SELECT collname FROM pg_collation WHERE oid = a.attcollation) END,
-       pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname), a.atttypid
+       pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname), a.atttypid,
+       (SELECT s.relname FROM pg_class s
+        WHERE s.oid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass)
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum

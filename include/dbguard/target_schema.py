@@ -97,7 +97,7 @@ def table_sql(spec: MigrationSpec, t: Table, info: TableInfo | None, collation) 
             elif ci.default is not None:
                 m = _NEXTVAL.match(ci.default)
                 if m and ci.sequence:  # serial: the same sequence name in the target schema, owned by the column
-                    seq = db.qname(t.target_schema, ci.sequence.split(".")[-1].strip('"'))
+                    seq = db.qname(t.target_schema, ci.sequence_name)
                     before.append(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(seq))
                     after.append(sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(
                         seq, db.qname(t.target_schema, t.target_name), sql.Identifier(c.name)))
