@@ -5,6 +5,15 @@ The DAG is a chain of stages, each added by one builder in `STAGES`:
     preflight -> capture_on -> backfill[table...] -> drain_changes -> reconcile -> finish_schema -> checksum_gate
       -> build_indexes -> shadow_reads -> retrieval_gate -> release -> finalize
 
+With `run_cutover: true` (dbguard.flow):
+
+    ... -> retrieval_gate -> wait_for_window -> soak -> [approval] -> cutover -> tail
+      -> rollback (all_done) -> release (all_done) -> finalize
+
+`rollback` runs cutover.rollback after a failure past the flip or a gate escalation; `release`
+aborts cleanly for any other failure (and ends a run that did not flip). Two more DAGs per spec:
+`dbguard_<name>_rollback` (Params run_id) and, with run_cutover, `dbguard_<name>_finish`.
+
 A builder takes the `Build` and hangs its tasks after `build.tail`. A later
 issue adds a stage by writing one builder and inserting it into `STAGES`
 (capture_on after preflight, drain_changes after backfill, build_indexes /
@@ -37,6 +46,7 @@ from .operators import (
     RollbackOperator,
     ShadowReadsOperator,
 )
+from .cutover_ops import Approval, CutoverOperator, FinishOperator, TailOperator, UndoOperator, WaitForWindowOperator
 from .retrieval_sensor import RetrievalGateSensor
 from .sensors import GateSensor
 
@@ -81,8 +91,8 @@ def backfill(b: Build) -> None:
     """One TaskGroup per table, parents before children: plan_ranges -> copy_range.expand(krange)."""
     bf = b.spec.backfill
     for table in b.spec.table_order():
-        with TaskGroup(group_id=group_id(table.name), tooltip=f"backfill {table.schema_}.{table.name}") as group:
-            plan = PlanRangesOperator(task_id="plan_ranges", spec_path=b.spec_path, table=table.name)
+        with TaskGroup(group_id=group_id(table.ref), tooltip=f"backfill {table.schema_}.{table.name}") as group:
+            plan = PlanRangesOperator(task_id="plan_ranges", spec_path=b.spec_path, table=table.ref)
             CopyRangeOperator.partial(
                 task_id="copy_range", spec_path=b.spec_path, pool=env.pool_name(b.spec),
                 retries=bf.retries, retry_delay=dt.timedelta(seconds=bf.retry_delay_seconds),
@@ -128,15 +138,50 @@ def retrieval_stages(b: Build) -> None:
                                poke_interval=b.spec.retrieval.poke_seconds))
 
 
+def cutover_stages(b: Build) -> None:
+    """spec.run_cutover: wait_for_window -> soak -> [approval] -> cutover -> tail (dbguard.flow decides the
+    window, the soak and, in _close, which undo runs)."""
+    s = b.spec
+    if not s.run_cutover:
+        return
+    b.then(WaitForWindowOperator(task_id="wait_for_window", spec_path=b.spec_path, retries=0,
+                                 doc_md="Passes inside `window`; defers until its next opening; fails at once "
+                                        "when that is after `window_deadline_minutes`."))
+    b.then(GateSensor(task_id="soak", spec_path=b.spec_path, gate="soak_gate",
+                      timeout_minutes=s.soak_minutes + s.gates.checksum_timeout_minutes,
+                      poke_interval=max(1.0, min(30.0, s.soak_minutes * 60 / 4)),
+                      doc_md=f"Gates re-measured without a freeze, green for {s.soak_minutes:g} minute(s)."))
+    if s.approval:
+        b.then(Approval(task_id="approval", spec_path=b.spec_path, retries=0,
+                        subject=f"Cut {s.name} over to {s.target.conn_id}?",
+                        body=(f"dbguard migration `{s.name}`: gates green, soak done. Approve to flip the "
+                              "application to the target (rollback stays possible for "
+                              f"{s.rollback_ttl_minutes:g} minutes). Reject aborts the run."),
+                        doc_md="Human approval of the flip (run conf approve=true approves up front)."))
+    b.then(CutoverOperator(task_id="cutover", spec_path=b.spec_path, retries=0,
+                           doc_md="The flip (dbguard.cutover): freeze, drain, verify, reverse capture, pointer."))
+    b.then(TailOperator(task_id="tail", spec_path=b.spec_path, retries=0,
+                        doc_md="Dual-write tail: the target is primary, reverse capture keeps the source current "
+                               f"for rollback_ttl_minutes ({s.rollback_ttl_minutes:g}); then run the finish DAG."))
+
+
 STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, finish_schema, checksum_gate,
-                              retrieval_stages]
+                              retrieval_stages, cutover_stages]
 
 
 def _close(b: Build) -> None:
-    release = ReleaseOperator(task_id="release", spec_path=b.spec_path, trigger_rule="all_done")
+    if b.spec.run_cutover:  # rollback after a failed flip or an escalation; release (abort) otherwise
+        release = [UndoOperator(task_id="rollback", action="rollback", spec_path=b.spec_path, trigger_rule="all_done",
+                                retries=0, doc_md="Runs cutover.rollback after a failure past the flip, or when a "
+                                                  "gate escalated (checksum divergence, retrieval drift)."),
+                   UndoOperator(task_id="release", action="release", spec_path=b.spec_path, trigger_rule="all_done",
+                                doc_md="Aborts cleanly (capture off, freeze lifted) for a failure before the flip, "
+                                       "or ends a run that did not cut over.")]
+    else:
+        release = [ReleaseOperator(task_id="release", spec_path=b.spec_path, trigger_rule="all_done")]
     finalize = FinalizeOperator(task_id=env.FINALIZE_TASK_ID, spec_path=b.spec_path, trigger_rule="all_done",
                                 retries=0)
-    chain(*b.tail, release, finalize)
+    chain(*b.tail, *release, finalize)
 
 
 def _doc_md(spec: MigrationSpec, path: str) -> str:
@@ -153,12 +198,22 @@ def _doc_md(spec: MigrationSpec, path: str) -> str:
             "`dbguard` schema and pushes it as XCom `dbguard_result`.")
 
 
+def timetable(spec: MigrationSpec):
+    """`schedule` when set; with run_cutover and a window, a CronTriggerTimetable at the window's openings
+    (minute hour * * days, in the window's timezone); else None (manual)."""
+    if spec.schedule is not None or not (spec.run_cutover and spec.window):
+        return spec.schedule
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    return CronTriggerTimetable(spec.window.cron(), timezone=spec.window.timezone)
+
+
 def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None = None) -> DAG:
     """The DAG for one spec file (raises SpecError when the spec is invalid); builders default to STAGES."""
     path = str(Path(spec_path).resolve())
     spec = env.spec_at(path)
     dag = DAG(
-        dag_id=spec.dag_id, schedule=spec.schedule, start_date=START_DATE, catchup=False,
+        dag_id=spec.dag_id, schedule=timetable(spec), start_date=START_DATE, catchup=False,
         max_active_runs=1, tags=["dbguard", *spec.tags], doc_md=_doc_md(spec, path),
         description=spec.description or f"dbguard migration {spec.name}",
         default_args={"owner": "dbguard"},
@@ -166,6 +221,10 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
             "dry_run": Param(False, type="boolean", description="preflight checks only; nothing is written"),
             "batch_rows": Param(None, type=["null", "integer"], minimum=100,
                                 description=f"rows per key range (spec: {spec.backfill.batch_rows})"),
+            **({"skip_cutover": Param(False, type="boolean", description="copy and verify only; no flip"),
+                "approve": Param(None, type=["null", "boolean"],
+                                 description="approval up front (true) or refused (false); null: ask in the UI")}
+               if spec.run_cutover else {}),
         },
     )
     with dag:
@@ -194,6 +253,24 @@ def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
     return dag
 
 
+def build_finish_dag(spec_path: str | os.PathLike) -> DAG:
+    """`dbguard_<name>_finish`: ends the dual-write tail of a cut-over run (trigger it after
+    rollback_ttl_minutes): reverse capture off, rollback no longer offered."""
+    path = str(Path(spec_path).resolve())
+    spec = env.spec_at(path)
+    with DAG(
+        dag_id=f"{spec.dag_id}_finish", schedule=None, start_date=START_DATE, catchup=False,
+        tags=["dbguard", "finish", *spec.tags], default_args={"owner": "dbguard"},
+        description=f"end the dual-write tail of dbguard migration {spec.name}",
+        doc_md=(f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
+                f"`rollback_ttl_minutes` ({spec.rollback_ttl_minutes:g}). Trigger this DAG when that time is up "
+                "(or sooner, when you are sure): reverse capture is removed and rollback is no longer offered."),
+        params={"run_id": Param(None, type=["null", "string"], description="default: the latest run")},
+    ) as dag:
+        FinishOperator(task_id="finish", spec_path=path)
+    return dag
+
+
 class BrokenSpecs(DAG):
     """Stands in for specs that failed to load. DagBag calls validate() before bagging each DAG
     and records the exception as an import error of the DAG file, while the other DAGs of the same
@@ -214,6 +291,8 @@ def build_all(paths: list[Path] | None = None) -> dict[str, DAG]:
     for p in paths if paths is not None else env.spec_paths():
         try:
             built = [build_dag(p), build_rollback_dag(p)]
+            if env.spec_at(str(Path(p).resolve())).run_cutover:
+                built.append(build_finish_dag(p))
         except SpecError as e:
             errors.append(e)
             continue

@@ -12,7 +12,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from .. import stages
+from .. import flow, stages
 from . import env
 
 
@@ -28,7 +28,8 @@ class GateSensor(BaseSensorOperator):
 
     def poke(self, context) -> bool:
         env.install_resolver()
-        verdict, message = getattr(stages, self.gate)(env.spec_at(self.spec_path), context["run_id"])
+        gate = getattr(stages, self.gate, None) or getattr(flow, self.gate)  # soak_gate lives in flow
+        verdict, message = gate(env.spec_at(self.spec_path), context["run_id"])
         self.log.info("%s: %s", self.gate, message)
         if verdict is False:
             stages.record_gate_failure(env.spec_at(self.spec_path), context["run_id"], self.gate, message)

@@ -1,0 +1,195 @@
+"""The flip in the DAG: window, soak, approval, routing of failures to release or rollback, the finish
+and rollback DAGs, the incident note. Pure rules (dbguard.flow, spec.Window) as unit tests; the rest
+through real dag.test() runs of DAGs from dags/ on real PostgreSQL."""
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+import pytest
+
+from dbguard import demo, flow, ledger
+from dbguard.airflow import env as afenv
+from dbguard.errors import SpecError
+from dbguard.spec import Window, load_spec
+from test_dag import dagbag, reports, spec_variant  # noqa: F401  (fixture)
+
+UTC = dt.timezone.utc
+
+
+# ---- window: pure -------------------------------------------------------------------------------
+
+def test_next_open_same_day_next_day_and_inside():
+    w = Window(start="02:00", end="04:00")
+    assert w.next_open(dt.datetime(2026, 3, 2, 1, 0, tzinfo=UTC)) == dt.datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+    assert w.next_open(dt.datetime(2026, 3, 2, 5, 0, tzinfo=UTC)) == dt.datetime(2026, 3, 3, 2, 0, tzinfo=UTC)
+    inside = dt.datetime(2026, 3, 2, 3, 17, tzinfo=UTC)
+    assert w.next_open(inside) == inside
+
+
+def test_next_open_days_and_past_midnight_in_a_timezone():
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    w = Window(start="22:00", end="02:00", timezone="Europe/Berlin", days=["fri"])
+    wed = dt.datetime(2026, 11, 25, 12, 0, tzinfo=berlin)
+    assert w.next_open(wed) == dt.datetime(2026, 11, 27, 22, 0, tzinfo=berlin)
+    sat_early = dt.datetime(2026, 11, 28, 1, 30, tzinfo=berlin)  # still Friday's window
+    assert w.next_open(sat_early) == sat_early
+    sat_late = dt.datetime(2026, 11, 28, 2, 0, tzinfo=berlin)  # end is exclusive: a week later
+    assert w.next_open(sat_late) == dt.datetime(2026, 12, 4, 22, 0, tzinfo=berlin)
+
+
+def test_next_open_across_a_dst_change():
+    # New York springs forward on 2026-03-08 (02:00 -> 03:00): a 02:30 opening that day does not exist
+    w = Window(start="02:30", end="04:00", timezone="America/New_York")
+    got = w.next_open(dt.datetime(2026, 3, 8, 6, 0, tzinfo=UTC))  # 01:00 EST
+    assert w.contains(got) and got.date() == dt.date(2026, 3, 8)
+    # after the change the opening is 02:30 EDT = 06:30 UTC
+    assert w.next_open(dt.datetime(2026, 3, 9, 0, 0, tzinfo=UTC)) == dt.datetime(2026, 3, 9, 6, 30, tzinfo=UTC)
+
+
+def test_window_verdict_pass_wait_fail_and_message_names_the_window(tmp_path):
+    spec = load_spec(spec_variant(tmp_path, "w", lambda raw: raw.update(
+        window={"start": "02:00", "end": "03:00", "timezone": "UTC"}, window_deadline_minutes=30)))
+    at = dt.datetime(2026, 3, 2, 2, 30, tzinfo=UTC)
+    assert flow.window_verdict(spec, at, at)[0] == "pass"
+    before = dt.datetime(2026, 3, 2, 1, 45, tzinfo=UTC)
+    verdict, _, opening = flow.window_verdict(spec, before, before)
+    assert (verdict, opening) == ("wait", dt.datetime(2026, 3, 2, 2, 0, tzinfo=UTC))
+    after = dt.datetime(2026, 3, 2, 4, 0, tzinfo=UTC)
+    verdict, msg, _ = flow.window_verdict(spec, after, after)
+    assert verdict == "fail" and "02:00-03:00 UTC" in msg and "window_deadline_minutes" in msg
+
+
+def test_window_timetable_is_a_cron_trigger_at_the_openings(airflow_db, tmp_path):
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    from dbguard.airflow.dag_factory import timetable
+
+    spec = load_spec(spec_variant(tmp_path, "tt", lambda raw: raw.update(
+        run_cutover=True, schedule=None,
+        window={"start": "22:30", "end": "01:00", "timezone": "Europe/Berlin", "days": ["fri", "sat"]})))
+    tt = timetable(spec)
+    assert isinstance(tt, CronTriggerTimetable)
+    assert tt._expression == "30 22 * * fri,sat" and str(tt._timezone.name) == "Europe/Berlin"
+    assert timetable(spec.model_copy(update={"schedule": "@daily"})) == "@daily"
+    assert timetable(spec.model_copy(update={"run_cutover": False})) is None
+
+
+def test_new_fields_refuse_bad_values_naming_the_field(tmp_path):
+    for field, value in (("soak_minutes", -1), ("window_deadline_minutes", 0), ("approval", "yes")):
+        with pytest.raises(SpecError) as e:
+            load_spec(spec_variant(tmp_path, f"bad_{field}", lambda raw: raw.update({field: value})))
+        assert field in str(e.value)
+    spec = load_spec(spec_variant(tmp_path, "defaults", lambda raw: None))
+    assert (spec.run_cutover, spec.soak_minutes, spec.approval, spec.window_deadline_minutes) == (False, 0, False, None)
+
+
+# ---- routing and status: pure -------------------------------------------------------------------
+
+def test_undo_action_routes_failures_before_and_after_the_flip():
+    ok = {"preflight": "success", "checksum_gate": "success", "cutover": "success", "tail": "success"}
+    assert flow.undo_action(ok, True) == "hold"
+    assert flow.undo_action({**ok, "tail": "failed"}, True) == "rollback"
+    assert flow.undo_action({**ok, "cutover": "failed"}, False) == "release"  # cutover undid itself
+    assert flow.undo_action({"preflight": "failed", "checksum_gate": "upstream_failed"}, False) == "release"
+    assert flow.undo_action({"checksum_gate": "failed"}, False) == "rollback"  # divergence survived repair
+    assert flow.undo_action({"retrieval_gate": "failed"}, False) == "rollback"  # escalation
+    assert flow.undo_action({"wait_for_window": "skipped", "cutover": "skipped"}, False) == "release"
+
+
+def test_status_names_how_the_run_ended():
+    assert flow.status({"cutover": "success", "tail": "success", "rollback": "skipped", "release": "skipped"},
+                       is_flipped=True) == "cutover"
+    assert flow.status({"tail": "failed", "rollback": "success"}, is_flipped=False) == "rolled_back"
+    assert flow.status({"wait_for_window": "failed", "release": "success", "rollback": "skipped"},
+                       is_flipped=False) == "aborted"
+    assert flow.status({"tail": "failed", "rollback": "failed"}, is_flipped=True) == "failed"
+    assert flow.status({"wait_for_window": "skipped", "release": "success"}, is_flipped=False) == "success"
+    assert flow.status({}, is_flipped=False, dry_run=True) == "dry_run"
+
+
+# ---- DAG shape ----------------------------------------------------------------------------------
+
+def _cutover_spec(tmp_path, monkeypatch, name="shop_cut", **fields):
+    def edit(raw):
+        raw.update(name=name, run_cutover=True, soak_minutes=0.02, **fields)
+    path = spec_variant(tmp_path, name, edit)
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    return path
+
+
+def test_dag_shape_with_cutover_and_approval(airflow_db, tmp_path, monkeypatch):
+    _cutover_spec(tmp_path, monkeypatch, approval=True)
+    bag = dagbag()
+    assert bag.import_errors == {}
+    dag = bag.dags["dbguard_shop_cut"]
+    order = ["checksum_gate", "wait_for_window", "soak", "approval", "cutover", "tail", "rollback", "release",
+             "finalize"]
+    for a, b in zip(order, order[1:]):
+        assert dag.task_dict[b].upstream_task_ids == {a}, (a, b)
+    for t in ("rollback", "release", "finalize"):
+        assert dag.task_dict[t].trigger_rule == "all_done"
+    assert type(dag.task_dict["approval"]).__mro__[1].__name__ == "ApprovalOperator"
+    assert {"dbguard_shop_cut_rollback", "dbguard_shop_cut_finish"} <= set(bag.dags)
+    assert dag.params["skip_cutover"] is False and dag.params["approve"] is None
+    assert dag.timetable.summary  # window from demo_shop: a cron trigger at its openings
+
+
+# ---- real runs ----------------------------------------------------------------------------------
+
+def _closed_window_now() -> dict:
+    """A one-hour window that opened 3 hours ago (closed now, next opening ~21 h away)."""
+    start = (dt.datetime.now(UTC) - dt.timedelta(hours=3)).replace(second=0, microsecond=0)
+    return {"start": start.strftime("%H:%M"), "end": (start + dt.timedelta(hours=1)).strftime("%H:%M"),
+            "timezone": "UTC"}
+
+
+def _open_window_now() -> dict:
+    start = (dt.datetime.now(UTC) - dt.timedelta(minutes=30)).replace(second=0, microsecond=0)
+    return {"start": start.strftime("%H:%M"), "end": (start + dt.timedelta(hours=2)).strftime("%H:%M"),
+            "timezone": "UTC"}
+
+
+def _states(dag_run) -> dict:
+    return {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+
+
+def test_a_run_outside_the_window_does_not_flip_and_aborts_naming_the_window(airflow_db, dbpair, reports,
+                                                                               tmp_path, monkeypatch):
+    _cutover_spec(tmp_path, monkeypatch, window=_closed_window_now(), window_deadline_minutes=5)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test()
+    states = _states(dag_run)
+    assert states["wait_for_window"] == "failed"
+    assert (states["cutover"], states["rollback"], states["release"]) == ("upstream_failed", "skipped", "success")
+    result = afenv.run_result(dag_run)
+    assert result["status"] == "aborted" and "window_deadline_minutes" in result["reason"]
+    assert not flow.flipped(load_spec(tmp_path / "shop_cut.yaml"), dag_run.run_id)
+    note = reports / "dbguard_shop_cut" / f"{_safe(dag_run.run_id)}.incident.md"
+    assert note.is_file() and "wait_for_window" in note.read_text()
+
+
+def test_approval_blocks_the_flip_without_approve(airflow_db, dbpair, reports, tmp_path, monkeypatch):
+    _cutover_spec(tmp_path, monkeypatch, window=_open_window_now(), approval=True)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test(run_conf={"approve": False})
+    states = _states(dag_run)
+    assert (states["wait_for_window"], states["soak"]) == ("success", "success")
+    assert states["approval"] == "failed" and states["cutover"] == "upstream_failed"
+    result = afenv.run_result(dag_run)
+    assert result["status"] == "aborted" and "--approve" in result["reason"]
+    assert result["cutover_ms"] is None
+    with dbpair.tgt() as conn:
+        stages_seen = {s for (s,) in conn.execute("SELECT stage FROM dbguard.events WHERE run_id = %s",
+                                                  (dag_run.run_id,))}
+    assert "soak" in stages_seen and not any(s.startswith("cutover.") for s in stages_seen)
+
+
+def _safe(run_id: str) -> str:
+    from dbguard import report
+
+    return report._safe(run_id)
+
+
+def test_result_keys_carry_rollback_fields():
+    assert "cutover_ms" in ledger.RESULT_KEYS
