@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from airflow.plugins_manager import AirflowPlugin
 
+from dbguard.airflow.links import ReportLink
 from dbguard.report import report_dir
 
 REPORTS = report_dir()
@@ -60,6 +61,7 @@ def report(dag_id: str, name: str) -> FileResponse:
 class DbguardPlugin(AirflowPlugin):
     name = "dbguard"
     fastapi_apps = [{"app": app, "url_prefix": "/dbguard", "name": "dbguard reports"}]
+    operator_extra_links = [ReportLink()]  # "dbguard report" on the finalize task (dbguard.airflow.links)
     external_views = [
         {"name": "dbguard runs", "href": "dbguard/", "destination": "nav", "url_route": "dbguard_runs"},
         {"name": "dbguard report", "href": "dbguard/?dag_id={DAG_ID}&run_id={RUN_ID}",

@@ -56,6 +56,16 @@ def test_shop_run_report_has_verdict_plots_and_the_json_values(airflow_db, dbpai
     assert "<td class='num'>5 / 5</td>" in text  # completeness: verified vs planned ranges
     saved = json.loads(path.with_suffix(".json").read_text())
     assert saved["result"]["report"] == str(path) and len(saved["ranges"]) == 5
+    # the finalize task's extra link "dbguard report" points at this file through the UI plugin
+    from airflow import settings
+    from airflow.models.xcom import XComModel
+
+    with settings.Session() as session:
+        row = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id,
+                                                 task_ids="finalize", key="_link_ReportLink")).first()
+        link = XComModel.deserialize_value(row)
+    assert link == f"/dbguard/report/dbguard_demo_shop/{path.name}", link
+    assert (reports / "dbguard_demo_shop" / link.rsplit("/", 1)[1]) == path
 
     # Cutover records (interface 4) in the ledger add the timeline plot and the verdict row.
     spec = load_spec(str(DEMO_SPEC))

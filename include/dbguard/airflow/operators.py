@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from .. import ledger, stages
 from . import env
+from .links import ReportLink
 
 FAILED_STATES = {"failed", "upstream_failed"}
 
@@ -109,6 +110,8 @@ class ReleaseOperator(StageOperator):
 
 class FinalizeOperator(StageOperator):
     """Record the run's status, push the result dict, log it as one JSON line; fail the run if it failed."""
+
+    operator_extra_links = (ReportLink(),)  # "dbguard report" button: the run's report in the UI plugin
 
     def execute(self, context):
         ti = context["ti"]
