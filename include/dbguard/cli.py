@@ -323,7 +323,7 @@ def _run_and_print(spec_path: str, conf: dict, real_stdout, verbose: bool = Fals
         say(str(e))
         result = {"migration": _load(spec_path).name, "status": "failed"}
     print(ledger.result_line(result), file=real_stdout, flush=True)
-    return EXIT_OK if result.get("status") in ("success", "dry_run") else EXIT_FAILED
+    return EXIT_OK if result.get("status") in ("success", "dry_run", "cutover") else EXIT_FAILED
 
 
 def preflight_refusal(spec: MigrationSpec) -> str | None:
@@ -356,6 +356,8 @@ def cmd_run(args) -> int:
         conf["dry_run"] = True
     if args.batch_rows:
         conf["batch_rows"] = args.batch_rows
+    if spec.run_cutover and spec.approval:  # the command line never waits for a human: approve now or abort
+        conf.setdefault("approve", bool(args.approve))
     return _run_and_print(args.spec, conf, claim_stdout(), args.verbose)
 
 
@@ -450,6 +452,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="preflight checks only")
     r.add_argument("--batch-rows", type=batch_rows_arg, help="rows per key range (overrides the spec)")
     r.add_argument("--conf", action="append", metavar="KEY=VALUE", help="DAG run conf (value parsed as JSON)")
+    r.add_argument("--approve", action="store_true", help="approve the flip up front (spec approval: true); "
+                   "without it such a run stops before the flip and ends 'aborted'")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="Airflow's own log on stderr (default: a file beside the report, named at the end)")
     r.set_defaults(fn=cmd_run)

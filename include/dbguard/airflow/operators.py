@@ -10,7 +10,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, SkipMixin
 from airflow.sdk.exceptions import AirflowFailException
 
-from .. import ledger, stages
+from .. import flow, incident, ledger, stages
 from . import env
 from .links import ReportLink
 
@@ -117,13 +117,20 @@ class FinalizeOperator(StageOperator):
         ti = context["ti"]
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
         states.pop(ti.task_id, None)
-        status = run_status(states, dry_run=bool(context["params"].get("dry_run")))
-        result = stages.finalize(self.spec(), context["run_id"], status)
+        spec, dry_run = self.spec(), bool(context["params"].get("dry_run"))
+        if spec.run_cutover:  # cutover | rolled_back | aborted | failed | success | dry_run (dbguard.flow)
+            status = flow.status(states, is_flipped=flow.flipped(spec, ti.run_id), dry_run=dry_run)
+        else:
+            status = run_status(states, dry_run=dry_run)
+        result = stages.finalize(spec, context["run_id"], status)
+        notes = incident.write(spec, context["run_id"], result)  # aborted / rolled_back / failed only
+        if notes:
+            result = {**result, **notes}
         ti.xcom_push(key=env.RESULT_XCOM_KEY, value=result)
         self.log.info("dbguard result: %s", ledger.result_line(result))
-        if status == "failed":
+        if status in ("failed", "aborted", "rolled_back"):
             bad = sorted(t for t, s in states.items() if s in FAILED_STATES)
-            raise AirflowFailException(f"migration {result.get('migration')!r} failed; failed tasks: {json.dumps(bad)}")
+            raise AirflowFailException(f"migration {result.get('migration')!r} {status}; failed tasks: {json.dumps(bad)}")
         return result
 
 
@@ -132,4 +139,5 @@ class RollbackOperator(StageOperator):
 
     def execute(self, context):
         p = context["params"]
-        return stages.rollback(self.spec(), p.get("run_id") or None, drop_target=bool(p.get("drop_target")))
+        # after a flip: cutover.rollback (resumes from its last checkpoint); before: abort as stages.rollback
+        return flow.rollback(self.spec(), p.get("run_id") or None, drop_target=bool(p.get("drop_target")))
