@@ -23,7 +23,7 @@ vertical-align:top;font-size:14px}th{background:#f5f5f5}td.num,th.num{text-align
 .st-ok{background:#2e7d32}.st-bad{background:#c62828}
 tr.ok td:first-child{border-left:6px solid #2e7d32}tr.bad td:first-child{border-left:6px solid #c62828}
 tr.bad{background:#fdecea}tr.info td:first-child{border-left:6px solid #9e9e9e}
-.plots img{max-width:100%;border:1px solid #eee;margin:.4em 0}pre{white-space:pre-wrap;margin:0}
+.plots img{width:49%;min-width:420px;border:1px solid #eee;margin:.3em 0;vertical-align:top}pre{white-space:pre-wrap;margin:0}
 .muted{color:#666}"""
 
 
@@ -280,7 +280,7 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
 {incident_html(data.get("incident"))}
 <h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}
 <h2>Key ranges</h2>{ranges_table(f["ranges"])}
-<h2>Shadow reads per store</h2>{query_table(f["shadow"])}
+{"<h2>Shadow reads per store</h2>" + query_table(f["shadow"]) if len(f["shadow"]) else ""}
 <h2>Result (JSON line)</h2><table>{res}</table>
 <h2>Metrics</h2>{metrics_table(m)}
 <h2>Events</h2>{events_table(data["events"])}"""

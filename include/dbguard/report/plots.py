@@ -52,7 +52,7 @@ def table_verdicts(tables: pd.DataFrame) -> str | None:
     ax.barh([i - 0.2 for i in y], tables["target rows"], height=0.4, color=colors, label="target rows")
     ax.set_yticks(list(y), [f"{t} ({'checksum equal' if ok else 'MISMATCH'})"
                             for t, ok in zip(tables["table"], tables["checksum equal"])])
-    ax.set(title="Rows per table, source vs target (green: checksum equal, red: mismatch)", xlabel="rows")
+    ax.set(title="Rows per table: source (grey) vs target\n(green: checksum equal, red: mismatch)", xlabel="rows")
     ax.set_xlim(right=max(tables["source rows"].max(), tables["target rows"].max()) * 1.3)
     return _png(fig)
 
@@ -124,9 +124,11 @@ def change_lag(drains: pd.DataFrame, batches: pd.DataFrame) -> str | None:
         b = batches.sort_values("at")
         ax.step((b["at"] - t0).dt.total_seconds(), b["ops"].cumsum(), where="post", color=PRE,
                 label="applied ops (cumulative)")
-    ax.set(title="Change ledger: lag and applied changes over time", xlabel="time since first record (s)",
-           ylabel="change ops")
-    ax.set_ylim(bottom=0)
+    quiet = (not len(drains) or drains["lag"].max() == 0) and (not len(batches) or batches["ops"].sum() == 0)
+    ax.set(title="Change ledger: lag and applied changes over time" + ("\n(no writes were captured)" if quiet else ""),
+           xlabel="time since first record (s)", ylabel="change ops")
+    ax.set_ylim(0, None if not quiet else 1)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     ax.grid(alpha=.3)
     return _png(fig)
