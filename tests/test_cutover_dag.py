@@ -8,7 +8,7 @@ import zoneinfo
 
 import pytest
 
-from dbguard import demo, flow, ledger
+from dbguard import demo, flow
 from dbguard.airflow import env as afenv
 from dbguard.errors import SpecError
 from dbguard.spec import Window, load_spec
@@ -191,5 +191,43 @@ def _safe(run_id: str) -> str:
     return report._safe(run_id)
 
 
-def test_result_keys_carry_rollback_fields():
-    assert "cutover_ms" in ledger.RESULT_KEYS
+def test_retrieval_escalation_runs_the_rollback_path_promptly_with_an_incident_note(airflow_db, dbpair, reports,
+                                                                                     tmp_path, monkeypatch):
+    """The analyzer mistake (english -> simple) on a cutover spec: the retrieval gate fails within a short
+    escalation window (not at its timeout), the rollback task runs, nothing is flipped, and the incident
+    note, postmortem and regression gold set are written."""
+    import yaml
+
+    from dbguard import corpus
+
+    raw = yaml.safe_load((afenv.SPECS_FOLDER / "demo_docs_bad_analyzer.yaml").read_text())
+    raw.update(name="docs_escalate", run_cutover=True, window=None)
+    raw["retrieval"].update(poke_seconds=1, gate_timeout_minutes=5)
+    raw["gates"].update(escalate_after_minutes=0.05)
+    path = tmp_path / "docs_escalate.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    corpus.load_docs(dbpair.source)
+    dag_run = dagbag().dags["dbguard_docs_escalate"].test()
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["retrieval_gate"].state == "failed"
+    assert (tis["retrieval_gate"].end_date - tis["retrieval_gate"].start_date).total_seconds() < 120  # not 5 min
+    assert (tis["wait_for_window"].state, tis["cutover"].state) == ("upstream_failed", "upstream_failed")
+    assert (tis["rollback"].state, tis["release"].state) == ("success", "skipped")
+    result = afenv.run_result(dag_run)
+    assert result["status"] == "rolled_back" and result["cutover_ms"] is None
+    spec = load_spec(path)
+    assert not flow.flipped(spec, dag_run.run_id)
+    from dbguard import capture
+
+    assert not capture.is_on(spec)  # the abort removed capture
+    base = reports / "dbguard_docs_escalate" / _safe(dag_run.run_id)
+    note = base.with_name(base.name + ".incident.md").read_text()
+    assert "retrieval_gate" in note and "delta_s_diff" in note and "| at | stage |" in note
+    assert "nothing was flipped" in note
+    assert base.with_name(base.name + ".postmortem.md").is_file()
+    reg = reports / "dbguard_docs_escalate" / "regression_gold.jsonl"
+    assert reg.is_file() and len(reg.read_text().splitlines()) > 0
+    with dbpair.tgt() as conn:
+        assert conn.execute("SELECT status FROM dbguard.runs WHERE run_id = %s",
+                            (dag_run.run_id,)).fetchone() == ("rolled_back",)

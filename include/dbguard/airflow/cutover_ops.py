@@ -105,9 +105,7 @@ class UndoOperator(StageOperator):
             raise AirflowSkipException(f"undo: {picked}")
         if self.action == "release":
             return stages.release(spec, run_id)
-        from .. import cutover
-
-        return cutover.rollback(spec, run_id)
+        return flow.rollback(spec, run_id)  # cutover.rollback after a flip; before it, the abort of stages.rollback
 
 
 class FinishOperator(StageOperator):
