@@ -137,3 +137,39 @@ def test_names_are_exact_and_missing_ones_get_did_you_mean(dbpair):
         spec([{"name": "ö" * 40, "key": ["id"]}])
     resolved = catalog.resolve(spec([{"name": EVIL, "schema": "App Data", "key": ["id"]}]))
     assert [c.name for c in resolved.tables[0].columns] == ["id", "it's"]
+
+
+def test_two_tables_of_the_same_name_in_different_schemas(dbpair):
+    """Both `items` tables migrate, each under its ref "a.items" / "b.items" (ledger, ranges, capture),
+    with changes made while capture is on reaching the right one."""
+    from dbguard import capture
+
+    with dbpair.src() as c:
+        run(c, "CREATE SCHEMA a", "CREATE SCHEMA b",
+            "CREATE TABLE a.items (id int PRIMARY KEY, v text)",
+            "CREATE TABLE b.items (id int PRIMARY KEY, w numeric, a_id int REFERENCES a.items(id))",
+            "INSERT INTO a.items SELECT g, 'a' || g FROM generate_series(1, 500) g",
+            "INSERT INTO b.items SELECT g, g * 0.5, g FROM generate_series(1, 300) g")
+    s = spec([{"name": "items", "schema": "b", "key": ["id"],
+               "foreign_keys": [{"columns": ["a_id"], "references": "a.items", "ref_columns": ["id"]}]},
+              {"name": "items", "schema": "a", "key": ["id"]}])
+    assert [t.ref for t in s.table_order()] == ["a.items", "b.items"]
+    stages.preflight(s, "r")
+    stages.capture_on(s, "r")
+    for t in s.table_order():
+        for r in stages.plan_ranges(s, "r", t.ref, batch_rows=100):
+            assert stages.copy_range(s, "r", r)["ok"], r["label"]
+    with dbpair.src() as c:
+        run(c, "INSERT INTO a.items VALUES (501, 'late')", "UPDATE b.items SET w = -1 WHERE id = 7",
+            "INSERT INTO b.items VALUES (301, 1, 501)")
+    assert stages.drain_gate(s, "r")[0] is True
+    assert stages.reconcile(s, "r")["tables"].keys() == {"a.items", "b.items"}
+    assert stages.finish_schema(s, "r")["differences"] == []
+    ok, msg = stages.checksum_gate(s, "r")
+    assert ok, msg
+    stages.release(s, "r")
+    assert not capture.is_on(s)
+    with dbpair.src() as a, dbpair.tgt() as b:
+        for rel, key in (("a", "id"), ("b", "id")):
+            assert rows(a, rel, "items", key) == rows(b, rel, "items", key), rel
+        assert b.execute("SELECT w FROM b.items WHERE id = 7").fetchone()[0] == -1

@@ -206,7 +206,7 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
             tgt_ck = checksum(tgt, table, "target", r, h)
             orphans = orphan_count(tgt, spec, table, r)
             target_rev = str(tgt.execute("SELECT pg_current_xact_id()").fetchone()[0])
-            res = RangeResult(table.name, r.range_id, r.label, rows, time.monotonic() - t0, src_ck.result(),
+            res = RangeResult(table.ref, r.range_id, r.label, rows, time.monotonic() - t0, src_ck.result(),
                               tgt_ck, orphans, source_rev, target_rev)
         src.rollback()
         res.seconds = time.monotonic() - t0

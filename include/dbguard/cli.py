@@ -220,7 +220,7 @@ def cmd_plan(args) -> int:
     bf, g = spec.backfill, spec.gates
     print(f"migration {spec.name} (DAG {spec.dag_id}): {spec.source.conn_id} -> {spec.target.conn_id}")
     for t in spec.table_order():
-        ranges = stages.plan_ranges(spec, run_id, t.name, batch_rows=args.batch_rows)
+        ranges = stages.plan_ranges(spec, run_id, t.ref, batch_rows=args.batch_rows)
         print(f"table {t.schema_}.{t.name} -> {t.target_schema}.{t.target_name} key ({', '.join(t.key)}): "
               f"{len(ranges)} range(s)")
         for r in ranges:

@@ -103,7 +103,7 @@ def plan(conn: psycopg.Connection, table: Table, batch_rows: int, within: KeyRan
     Boundaries are real keys taken every `batch_rows` rows in key order, so
     gaps in the key space never produce empty or oversized ranges.
     """
-    within = within or KeyRange(table.name, 0, None, None)
+    within = within or KeyRange(table.ref, 0, None, None)
     q = sql.SQL(
         "SELECT {kt} FROM (SELECT {keys}, row_number() OVER (ORDER BY {ob}) AS rn FROM {t} WHERE {p}) s "
         "WHERE rn % {n} = 1 AND rn > 1 ORDER BY rn"

@@ -133,10 +133,10 @@ def repair(spec: MigrationSpec, table: Table, diff: RowDiff, batch: int = 5_000)
 def planned_ranges(spec: MigrationSpec, run_id: str, table: Table) -> list[KeyRange]:
     with db.target(spec) as tgt:
         rows = tgt.execute("SELECT range_id, lo, hi FROM dbguard.ranges WHERE run_id = %s AND table_name = %s "
-                           "ORDER BY range_id", (run_id, table.name)).fetchall()
-    ranges = [KeyRange(table.name, rid, tuple(lo) if lo is not None else None,
+                           "ORDER BY range_id", (run_id, table.ref)).fetchall()
+    ranges = [KeyRange(table.ref, rid, tuple(lo) if lo is not None else None,
                        tuple(hi) if hi is not None else None) for rid, lo, hi in rows]
-    return ranges or [KeyRange(table.name, 0, None, None)]
+    return ranges or [KeyRange(table.ref, 0, None, None)]
 
 
 def reconcile_table(spec: MigrationSpec, run_id: str, table: Table) -> dict:
@@ -167,7 +167,7 @@ def reconcile_table(spec: MigrationSpec, run_id: str, table: Table) -> dict:
         orphans = orphan_count(sides.tgt, spec, table, None)
     finally:
         sides.close()
-    return {"table": table.name, "source": src_ck.to_dict(), "target": tgt_ck.to_dict(),
+    return {"table": table.ref, "source": src_ck.to_dict(), "target": tgt_ck.to_dict(),
             "equal": src_ck == tgt_ck, "orphans": orphans, "rounds": rounds,
             "repaired_rows": sum(r.get("repaired", 0) for r in rounds),
             "seconds": round(time.monotonic() - t0, 3)}

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -327,10 +328,13 @@ class Table(_Model):
     def target_name(self) -> str:
         return self.target.name or self.name
 
+    _ref: str | None = PrivateAttr(default=None)
+
     @property
     def ref(self) -> str:
-        """How the rest of dbguard names this table (ledger, ranges, capture, error messages)."""
-        return self.name
+        """How the rest of dbguard names this table (ledger, ranges, capture, task groups): the bare name, or
+        "schema.name" when another table of the spec has the same name (set by MigrationSpec)."""
+        return self._ref or self.name
 
     @property
     def copy_columns(self) -> list[Column]:
@@ -537,11 +541,16 @@ class MigrationSpec(_Model):
         """Vector or search stores: the retrieval stages (indexes, shadow reads, gate) apply."""
         return any(t.vector or t.search for t in self.tables)
 
-    def table(self, name: str) -> Table:
+    def table(self, ref: str) -> Table:
+        """The table named by its ref: the bare name (when unique in the spec) or "schema.name"."""
         for t in self.tables:
-            if t.name == name:
+            if t.ref == ref:
                 return t
-        raise KeyError(name)
+        hits = [t for t in self.tables if f"{t.schema_}.{t.name}" == ref] or \
+            [t for t in self.tables if t.name == ref]
+        if len(hits) == 1:
+            return hits[0]
+        raise KeyError(ref)
 
     def table_order(self) -> list[Table]:
         """Parents before children (foreign keys), stable otherwise."""
@@ -549,7 +558,7 @@ class MigrationSpec(_Model):
         pending = list(self.tables)
         while pending:
             for t in pending:
-                if all(fk.references == t.name or fk.references in {d.name for d in done} for fk in t.foreign_keys):
+                if all(any(self.table(fk.references) is d for d in [t, *done]) for fk in t.foreign_keys):
                     done.append(t)
                     pending.remove(t)
                     break
@@ -558,9 +567,12 @@ class MigrationSpec(_Model):
     @model_validator(mode="after")
     def _check(self) -> "MigrationSpec":
         names = [t.name for t in self.tables]
-        for i, n in enumerate(names):
-            if n in names[:i]:
-                raise _At(("tables", i), f"table {n!r} is listed twice; table names must be unique")
+        qualified = [(t.schema_, t.name) for t in self.tables]
+        for i, n in enumerate(qualified):
+            if n in qualified[:i]:
+                raise _At(("tables", i), f"table {n[1]!r} (schema {n[0]!r}) is listed twice; list each table once")
+        for t in self.tables:  # same name in two schemas: both are referred to as schema.name
+            t._ref = f"{t.schema_}.{t.name}" if names.count(t.name) > 1 else None
         targets = [(t.target_schema, t.target_name) for t in self.tables]
         for i, tg in enumerate(targets):
             if tg in targets[:i]:
@@ -568,17 +580,19 @@ class MigrationSpec(_Model):
                                                    "set target.schema or target.name")
         for ti, t in enumerate(self.tables):
             for fi, fk in enumerate(t.foreign_keys):
-                if fk.references not in names:
+                try:
+                    parent = self.table(fk.references)
+                except KeyError:
                     raise _At(("tables", ti, "foreign_keys", fi, "references"),
-                              f"{fk.references!r} is not a table of this spec {names}; "
-                              "add that table or drop the foreign key")
-                parent = self.table(fk.references)
+                              f"{fk.references!r} is not a table of this spec {[t.ref for t in self.tables]}; "
+                              "add that table or drop the foreign key (write schema.name when two tables share "
+                              "a name)") from None
                 bad = [c for c in fk.ref_columns if parent.columns and c not in {c.name for c in parent.columns}]
                 if bad:
                     raise _At(("tables", ti, "foreign_keys", fi, "ref_columns"),
                               f"{bad} are not columns of {parent.name!r}")
         # A foreign-key cycle would make the load order undefined.
-        graph = {t.name: {fk.references for fk in t.foreign_keys if fk.references != t.name} for t in self.tables}
+        graph = {t.ref: {self.table(fk.references).ref for fk in t.foreign_keys} - {t.ref} for t in self.tables}
         seen: set[str] = set()
         while len(seen) < len(graph):
             ready = [n for n, deps in graph.items() if n not in seen and deps <= seen]

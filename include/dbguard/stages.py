@@ -105,7 +105,7 @@ def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]
 
 
 def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, Any]:
-    tables = {t.name: reconcile_table(spec, run_id, t) for t in spec.table_order()}
+    tables = {t.ref: reconcile_table(spec, run_id, t) for t in spec.table_order()}
     ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
     migrated = sum(r["target"]["count"] for r in tables.values())
     with db.target(spec) as tgt:
@@ -151,27 +151,27 @@ def checksum_problems(spec: MigrationSpec, run_id: str, *, completeness_only: bo
     if m.get("dual_write_fail"):
         problems.append(_dual_write_failures(spec, run_id))
     for t in spec.tables:
-        planned = m.get(f"planned_ranges.{t.name}")
-        if planned is None or copied.get(t.name, 0) < planned:
-            problems.append(f"{t.name}: backfill incomplete: {copied.get(t.name, 0)} of "
+        planned = m.get(f"planned_ranges.{t.ref}")
+        if planned is None or copied.get(t.ref, 0) < planned:
+            problems.append(f"{t.ref}: backfill incomplete: {copied.get(t.ref, 0)} of "
                             f"{planned if planned is not None else '?'} planned ranges copied")
         if completeness_only:
             continue
-        r = rec.get(t.name)
+        r = rec.get(t.ref)
         if r is None:
-            problems.append(f"{t.name}: not reconciled yet")
+            problems.append(f"{t.ref}: not reconciled yet")
             continue
         if not r["equal"]:
             last = r["rounds"][-1] if r.get("rounds") else {}
             problems.append(
-                f"{t.name}: source {r['source']['count']} rows (sum {r['source']['sum']}) != target "
+                f"{t.ref}: source {r['source']['count']} rows (sum {r['source']['sum']}) != target "
                 f"{r['target']['count']} rows (sum {r['target']['sum']}); missing {last.get('missing')}, "
                 f"extra {last.get('extra')}, changed {last.get('changed')} in ranges {last.get('ranges')}; "
                 f"e.g. keys missing {last.get('missing_keys')}, extra {last.get('extra_keys')}, "
                 f"changed {last.get('changed_keys')}"
                 + (f"; repair failed: {last['repair_error']}" if last.get("repair_error") else ""))
         if r.get("orphans"):
-            problems.append(f"{t.name}: {r['orphans']} rows in the target reference a missing parent row")
+            problems.append(f"{t.ref}: {r['orphans']} rows in the target reference a missing parent row")
     return problems
 
 

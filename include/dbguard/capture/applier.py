@@ -196,7 +196,7 @@ class _Statements:
 def _statement_set(r: Route, origin: psycopg.Connection, dest: psycopg.Connection) -> dict[str, _Statements]:
     out = {}
     for t in r.spec.tables:
-        out[t.name] = _Statements(r, t, values.columns(origin, *r.origin_name(t), leaves=False),
+        out[t.ref] = _Statements(r, t, values.columns(origin, *r.origin_name(t), leaves=False),
                                   values.columns(dest, *r.dest_name(t), leaves=False))
     origin.rollback()
     dest.rollback()

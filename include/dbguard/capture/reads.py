@@ -81,23 +81,23 @@ def drift(spec: MigrationSpec, run_id: str, direction: str = "forward") -> dict[
             per_table_ops = dict(src.execute(
                 "SELECT table_name, count(*) FROM dbguard.change_ledger WHERE migration = %s AND direction = %s "
                 "AND op_id > %s GROUP BY table_name", (spec.name, direction, since)).fetchall())
-        src_counts = {t.name: src.execute(sql.SQL("SELECT count(*) FROM {}").format(r.origin_rel(t))).fetchone()[0]
+        src_counts = {t.ref: src.execute(sql.SQL("SELECT count(*) FROM {}").format(r.origin_rel(t))).fetchone()[0]
                       for t in spec.tables}
     with r.dest() as tgt:
         st = _cursor_state(tgt, r, run_id)
         tgt_counts = {}
         for t in spec.tables:
             exists = tgt.execute("SELECT to_regclass(%s) IS NOT NULL", (r.dest_rel(t).as_string(tgt),)).fetchone()[0]
-            tgt_counts[t.name] = tgt.execute(sql.SQL("SELECT count(*) FROM {}").format(r.dest_rel(t))).fetchone()[0] \
+            tgt_counts[t.ref] = tgt.execute(sql.SQL("SELECT count(*) FROM {}").format(r.dest_rel(t))).fetchone()[0] \
                 if exists else None
     fail_count, fail_ids = dual_write_fail(spec, run_id, direction)
     return {
         "direction": direction, "source_high_water": src_hw, "target_high_water": st.get("high_water", 0),
         "applied": st.get("applied", 0), "lag": lag(spec, run_id, direction),
         "dual_write_fail": fail_count, "failed_op_ids": fail_ids,
-        "tables": {t.name: {"source_rows": src_counts[t.name], "target_rows": tgt_counts[t.name],
-                            "row_diff": None if tgt_counts[t.name] is None else src_counts[t.name] - tgt_counts[t.name],
-                            "captured_ops": per_table_ops.get(t.name, 0)} for t in spec.tables},
+        "tables": {t.ref: {"source_rows": src_counts[t.ref], "target_rows": tgt_counts[t.ref],
+                            "row_diff": None if tgt_counts[t.ref] is None else src_counts[t.ref] - tgt_counts[t.ref],
+                            "captured_ops": per_table_ops.get(t.ref, 0)} for t in spec.tables},
     }
 
 

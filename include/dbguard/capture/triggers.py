@@ -69,7 +69,7 @@ def trigger_function_sql(spec: MigrationSpec, t: Table, direction: str = "forwar
     """The AFTER ROW trigger function for one table: writes one ledger row per changed row, except for rows
     the applier writes (loop guard: its session sets dbguard.applying = on)."""
     infos = infos or {}
-    m, d, tn = sql.Literal(spec.name), sql.Literal(direction), sql.Literal(t.name)
+    m, d, tn = sql.Literal(spec.name), sql.Literal(direction), sql.Literal(t.ref)
     cols = [c.name for c in t.columns]
     body = sql.SQL("""
 DECLARE nk jsonb; ok jsonb;
@@ -116,7 +116,7 @@ def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, val
         if missing:
             problems.append(f"tables[{t.name}]: {r.label} columns {missing} do not exist in {schema}.{name}; "
                             "fix tables[].columns")
-        out[t.name] = infos
+        out[t.ref] = infos
     if problems:
         raise CaptureError("capture_on: " + "; ".join(problems))
     return out
@@ -125,8 +125,8 @@ def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, val
 def _check_nested_money(origin: psycopg.Connection, r: Route, infos: dict[str, dict[str, values.ColumnInfo]]) -> None:
     """money inside an array, composite or range prints (and parses) through lc_monetary, which the text image
     cannot pin to numeric: refuse when origin and destination disagree on it, naming the columns."""
-    nested = [f"{t.name}.{c.name}" for t in r.spec.tables for c in t.columns
-              if values.MONEY in infos[t.name][c.name].leaves and not infos[t.name][c.name].money]
+    nested = [f"{t.ref}.{c.name}" for t in r.spec.tables for c in t.columns
+              if values.MONEY in infos[t.ref][c.name].leaves and not infos[t.ref][c.name].money]
     if not nested:
         return
     with r.dest() as dest:
@@ -179,7 +179,7 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                         "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
                         "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
                 for t in spec.tables:
-                    src.execute(trigger_function_sql(spec, t, direction, infos[t.name]))
+                    src.execute(trigger_function_sql(spec, t, direction, infos[t.ref]))
                     rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
                     ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
                     src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
@@ -216,7 +216,7 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
             raise CaptureError(f"capture_on ({direction}): {e.diag.message_primary}; the {r.label} role needs "
                                "CREATE on the database (schema dbguard) and TRIGGER on every migrated table "
                                "(GRANT TRIGGER ON <table> TO <role>)") from None
-    out = {"enabled": True, "direction": direction, "tables": [t.name for t in spec.tables],
+    out = {"enabled": True, "direction": direction, "tables": [t.ref for t in spec.tables],
            "trigger": trigger_name(spec, direction),
            "functions": [function_name(spec, t, direction) for t in spec.tables], "capture_snapshot": snap,
            "capture_op_id": op0}
