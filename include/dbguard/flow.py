@@ -53,6 +53,12 @@ def window_verdict(spec: MigrationSpec, now: dt.datetime, waiting_since: dt.date
     return "wait", f"outside the window {w.describe()}; next opening {opening.isoformat()}", opening
 
 
+def record_wait(spec: MigrationSpec, run_id: str, message: str, opening: dt.datetime) -> None:
+    """Ledger event 'wait_for_window' when the run defers until the window opens (timeline, incident note)."""
+    with db.target(spec) as tgt:
+        ledger.event(tgt, run_id, spec.name, "wait_for_window", {"message": message, "opening": opening.isoformat()})
+
+
 # ---- soak ---------------------------------------------------------------------------------------
 
 def soak_measure(spec: MigrationSpec, run_id: str) -> tuple[bool | None, str]:

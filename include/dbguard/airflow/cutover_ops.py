@@ -43,6 +43,7 @@ class WaitForWindowOperator(StageOperator):
             stages.record_gate_failure(spec, context["run_id"], "wait_for_window", message)
             raise AirflowFailException(message)
         if verdict == "wait":
+            flow.record_wait(spec, context["run_id"], message, opening)
             self.defer(trigger=DateTimeTrigger(moment=opening), method_name="execute_complete",
                        kwargs={"waiting_since": since.isoformat()})
         return {"window": message}
