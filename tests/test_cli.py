@@ -97,6 +97,10 @@ def test_run_is_quiet_with_progress_and_airflow_log_in_a_file(airflow_db, dbpair
 def test_progress_line_reads_the_ledger():
     from dbguard import progress
 
-    snap = progress.Snapshot("r", "backfill", planned=10, verified=4, rows=40_000, copy_seconds=2.0)
+    snap = progress.Snapshot("r", "backfill", planned=10, verified=4, rows=40_000, copy_seconds=2.0,
+                             tables_planned=2, tables=2)
     text = progress.line(snap, 12.0)
     assert text == "[12s] backfill: ranges 4/10, 40,000 rows, 20,000 rows/s, ETA 3s", text
+    early = progress.Snapshot("r", "backfill", planned=1, verified=1, rows=25_000, copy_seconds=1.0,
+                              tables_planned=1, tables=2)
+    assert progress.line(early, 5.0) == "[5s] backfill: ranges 1/1 (tables planned 1/2), 25,000 rows, 25,000 rows/s"

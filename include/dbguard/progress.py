@@ -29,6 +29,8 @@ class Snapshot:
     verified: int = 0
     rows: int = 0           # rows copied by verified ranges
     copy_seconds: float = 0.0  # wall time since the first range finished being planned
+    tables_planned: int = 0
+    tables: int = 0         # tables in the spec (a child table is planned after its parents' ranges)
 
     @property
     def rate(self) -> float | None:
@@ -36,7 +38,8 @@ class Snapshot:
 
     @property
     def eta_s(self) -> float | None:
-        if not self.verified or self.verified >= self.planned or self.copy_seconds <= 0:
+        if (not self.verified or self.verified >= self.planned or self.copy_seconds <= 0
+                or self.tables_planned < self.tables):
             return None
         return (self.planned - self.verified) * self.copy_seconds / self.verified
 
@@ -49,7 +52,9 @@ def line(snap: Snapshot, elapsed: float) -> str:
     """One human line: `[12s] backfill: ranges 5/10, 50,000 rows, 41,000 rows/s, ETA 3s`."""
     parts = [f"[{_fmt_s(elapsed)}] {snap.stage or 'starting'}"]
     if snap.planned:
-        parts.append(f"ranges {snap.verified}/{snap.planned}, {snap.rows:,} rows")
+        parts.append(f"ranges {snap.verified}/{snap.planned}"
+                     + (f" (tables planned {snap.tables_planned}/{snap.tables})" if snap.tables_planned < snap.tables
+                        else "") + f", {snap.rows:,} rows")
         if snap.rate:
             parts.append(f"{snap.rate:,.0f} rows/s")
         if snap.eta_s is not None:
@@ -57,7 +62,8 @@ def line(snap: Snapshot, elapsed: float) -> str:
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
 
-def read(conn: psycopg.Connection, migration: str, since: dt.datetime, run_id: str | None) -> Snapshot:
+def read(conn: psycopg.Connection, migration: str, since: dt.datetime, run_id: str | None,
+         tables: int = 0) -> Snapshot:
     """The newest run of `migration` started after `since` (or `run_id`), as a Snapshot."""
     if conn.execute("SELECT to_regclass('dbguard.ranges')").fetchone()[0] is None:
         return Snapshot()
@@ -67,19 +73,21 @@ def read(conn: psycopg.Connection, migration: str, since: dt.datetime, run_id: s
         if row is None:
             return Snapshot()
         run_id = row[0]
-    planned, verified, rows, first, last = conn.execute(
+    planned, verified, rows, first, last, tplanned = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'verified'), "
         "coalesce(sum(rows) FILTER (WHERE status = 'verified'), 0), min(updated_at), "
-        "max(updated_at) FILTER (WHERE status <> 'planned') FROM dbguard.ranges WHERE run_id = %s",
+        "max(updated_at) FILTER (WHERE status <> 'planned'), count(DISTINCT table_name) "
+        "FROM dbguard.ranges WHERE run_id = %s",
         (run_id,)).fetchone()
     ev = conn.execute("SELECT stage FROM dbguard.events WHERE run_id = %s ORDER BY id DESC LIMIT 1",
                       (run_id,)).fetchone()
     stage = ev[0] if ev else "preflight"
-    if planned and verified < planned and stage in ("preflight", "capture_on", "drain_changes"):
+    if planned and (verified < planned or tplanned < tables) and stage in ("preflight", "capture_on", "drain_changes"):
         stage = "backfill"
     now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-    seconds = ((now if verified < planned else (last or now)) - first).total_seconds() if first else 0.0
-    return Snapshot(run_id, stage, planned, verified, int(rows), seconds)
+    busy = verified < planned or tplanned < tables
+    seconds = ((now if busy else (last or now)) - first).total_seconds() if first else 0.0
+    return Snapshot(run_id, stage, planned, verified, int(rows), seconds, tplanned, tables)
 
 
 class Progress:
@@ -115,7 +123,7 @@ class Progress:
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.spec.target.conn_id, autocommit=True)
-                self._draw(read(conn, self.spec.name, self.since, self.last.run_id))
+                self._draw(read(conn, self.spec.name, self.since, self.last.run_id, len(self.spec.tables)))
             except (psycopg.Error, Exception):  # the target may not exist yet; progress is best effort
                 with contextlib.suppress(Exception):
                     conn and conn.close()
@@ -125,7 +133,7 @@ class Progress:
 
     def poll_once(self) -> None:
         with contextlib.suppress(Exception), db.connect(self.spec.target.conn_id, autocommit=True) as conn:
-            self._draw(read(conn, self.spec.name, self.since, self.last.run_id))
+            self._draw(read(conn, self.spec.name, self.since, self.last.run_id, len(self.spec.tables)))
 
     def _draw(self, snap: Snapshot) -> None:
         if snap.run_id is None:
@@ -137,7 +145,7 @@ class Progress:
             self.out.write("\r" + text + " " * pad)
             self._width = len(text)
         else:
-            done = snap.planned and snap.verified >= snap.planned
+            done = snap.planned and snap.verified >= snap.planned and snap.tables_planned >= snap.tables
             if snap.stage != self._printed_stage or (done and not self._backfill_done):
                 self._printed_stage = snap.stage
                 self._backfill_done = self._backfill_done or bool(done)
