@@ -104,3 +104,25 @@ def test_progress_line_reads_the_ledger():
     early = progress.Snapshot("r", "backfill", planned=1, verified=1, rows=25_000, copy_seconds=1.0,
                               tables_planned=1, tables=2)
     assert progress.line(early, 5.0) == "[5s] backfill: ranges 1/1 (tables planned 1/2), 25,000 rows, 25,000 rows/s"
+
+
+def test_a_failed_run_prints_the_gate_message_in_full_on_stderr(airflow_db, dbpair, tmp_path):
+    """Quiet is not silent: the failing gate's whole message and the failed task reach the terminal."""
+    from dbguard import corpus
+
+    raw = yaml.safe_load((DEMO_SPEC.parent / "demo_docs_bad_analyzer.yaml").read_text())
+    raw["name"] = "docs_bad_cli"
+    raw["retrieval"].update(poke_seconds=1)
+    spec = tmp_path / "docs_bad_cli.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    corpus.load_docs(dbpair.source)
+    env = {**os.environ, "DBGUARD_REPORT_DIR": str(tmp_path / "reports")}
+    proc = subprocess.run([str(DBGUARD), "run", str(spec)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["status"] == "failed"
+    err = proc.stderr
+    assert "dbguard: retrieval_gate: retrieval gate failed" in err and "failing queries:" in err
+    assert "docs.documents.tsv q" in err  # the per-query lines of the message, not only its first line
+    assert 'failed tasks: ["retrieval_gate"]' in err
+    assert "airflow log: " in err and "[DAG TEST]" not in err

@@ -305,8 +305,10 @@ def run_spec(spec_path: str, conf: dict, *, verbose: bool = False) -> dict:
     result = env.run_result(dag_run) or _fallback_result(spec, dag_run.run_id)
     say(f"DAG run {dag_run.run_id} ended {dag_run.state} in {time.monotonic() - t0:.1f}s")
     if result.get("status") not in ("success", "dry_run"):
-        for ln in ([result["reason"]] if result.get("reason") else []) + failure_details(log_path):
-            say(ln)
+        reason = result.get("reason") or ""
+        for ln in ([reason] if reason else []) + [ln for ln in failure_details(log_path)
+                                                  if ln.split(": ", 1)[-1][:80] not in reason]:
+            say(ln)  # the gate's full message, then task errors it does not already say
     if result.get("report"):
         say(f"report: {result['report']}")
     if not verbose:
