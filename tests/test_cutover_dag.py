@@ -231,3 +231,30 @@ def test_retrieval_escalation_runs_the_rollback_path_promptly_with_an_incident_n
     with dbpair.tgt() as conn:
         assert conn.execute("SELECT status FROM dbguard.runs WHERE run_id = %s",
                             (dag_run.run_id,)).fetchone() == ("rolled_back",)
+
+
+def _window_opening_soon(min_wait_s: float = 40) -> tuple[dict, dt.datetime]:
+    """A 10-minute window opening at the next minute boundary at least min_wait_s away."""
+    now = dt.datetime.now(UTC)
+    opening = (now + dt.timedelta(seconds=min_wait_s + 60)).replace(second=0, microsecond=0)
+    return ({"start": opening.strftime("%H:%M"), "end": (opening + dt.timedelta(minutes=10)).strftime("%H:%M"),
+             "timezone": "UTC"}, opening)
+
+
+def test_wait_for_window_defers_until_the_opening_under_dag_test(airflow_db, dbpair, reports, tmp_path,
+                                                                 monkeypatch):
+    """Outside the window the task defers on a DateTimeTrigger (run in-process by dag.test) and goes on
+    at the opening; approve=false then stops the run before the flip."""
+    window, opening = _window_opening_soon()
+    _cutover_spec(tmp_path, monkeypatch, window=window, approval=True, window_deadline_minutes=10)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test(run_conf={"approve": False})
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["wait_for_window"].state == "success"
+    assert tis["wait_for_window"].start_date < opening <= tis["wait_for_window"].end_date
+    assert tis["soak"].start_date >= opening
+    with dbpair.tgt() as conn:
+        waits = [d for (d,) in conn.execute("SELECT detail FROM dbguard.events WHERE run_id = %s AND "
+                                             "stage = 'wait_for_window'", (dag_run.run_id,))]
+    assert waits and dt.datetime.fromisoformat(waits[0]["opening"]) == opening
+    assert afenv.run_result(dag_run)["status"] == "aborted"
