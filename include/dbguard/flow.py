@@ -121,7 +121,7 @@ def flipped(spec: MigrationSpec, run_id: str) -> bool:
         st = cutover.state(spec, run_id)
     except Exception:  # noqa: BLE001  no ledger / no cutover record yet: nothing was flipped
         return False
-    return st.get("primary") == "target"
+    return (st.get("primary") or st.get("primary_side")) == "target"
 
 
 def undo_action(states: dict[str, str | None], is_flipped: bool) -> str:
@@ -177,6 +177,6 @@ def rollback(spec: MigrationSpec, run_id: str | None, *, drop_target: bool = Fal
         phase = cutover.state(spec, run_id).get("phase")
     except Exception:  # noqa: BLE001  no cutover record: nothing was flipped
         phase = None
-    if phase and phase not in ("none", "ready", "not_started", "aborted", "rolled_back", "finished"):
+    if phase in ("cutover", "rolling_back"):  # cutover.state phases: before | cutover | rolling_back | ...
         return {"run_id": run_id, **cutover.rollback(spec, run_id)}
     return stages.rollback(spec, run_id, drop_target=drop_target)
