@@ -73,12 +73,18 @@ def read(conn: psycopg.Connection, migration: str, since: dt.datetime, run_id: s
         if row is None:
             return Snapshot()
         run_id = row[0]
-    planned, verified, rows, first, last, tplanned = conn.execute(
+    seen, verified, rows, first, last = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'verified'), "
         "coalesce(sum(rows) FILTER (WHERE status = 'verified'), 0), min(updated_at), "
-        "max(updated_at) FILTER (WHERE status <> 'planned'), count(DISTINCT table_name) "
-        "FROM dbguard.ranges WHERE run_id = %s",
+        "max(updated_at) FILTER (WHERE status <> 'planned') FROM dbguard.ranges WHERE run_id = %s",
         (run_id,)).fetchone()
+    # The plan's size per table: metric planned_ranges.<table> (set by the first copy of that table),
+    # else the ranges rows seen so far (a copy task writes its row when it starts).
+    per_table = dict(conn.execute(
+        "SELECT r.table_name, greatest(count(*), max((m.value #>> '{}')::int)) FROM dbguard.ranges r "
+        "LEFT JOIN dbguard.metrics m ON m.run_id = r.run_id AND m.name = 'planned_ranges.' || r.table_name "
+        "WHERE r.run_id = %s GROUP BY r.table_name", (run_id,)).fetchall())
+    planned, tplanned = max(seen, sum(per_table.values())), len(per_table)
     ev = conn.execute("SELECT stage FROM dbguard.events WHERE run_id = %s ORDER BY id DESC LIMIT 1",
                       (run_id,)).fetchone()
     stage = ev[0] if ev else "preflight"
