@@ -72,12 +72,18 @@ def test_shop_run_report_has_verdict_plots_and_the_json_values(airflow_db, dbpai
     steps = [{"step": "freeze", "ms": 12.5, "ok": True, "at": "2026-01-01T00:00:00Z"},
              {"step": "drain", "ms": 40.25, "ok": True, "at": "2026-01-01T00:00:00.0125Z"},
              {"step": "switch_pointer", "ms": 8.0, "ok": True, "at": "2026-01-01T00:00:00.05Z"}]
+    # Excluded columns (SCHEMA) are listed; an incident note beside the report (CUTOVER-DAG) is linked.
+    path.with_name(path.stem + ".incident.md").write_text("# incident\n")
     with db.target(spec) as conn:
         ledger.set_metric(conn, dag_run.run_id, spec.name, "cutover_steps", steps)
         ledger.set_metric(conn, dag_run.run_id, spec.name, "cutover_ms", 60.75)
+        ledger.set_metric(conn, dag_run.run_id, spec.name, "excluded_columns", {"shop.customers": ["notes"]})
         page = report.write(spec, dag_run.run_id, conn, {**result, "cutover_ms": 60.75}).read_text()
     assert plot_titles(page) == 4
-    assert "cutover (writes paused)</td><td class='num'>60.8 ms</td>" in text_of(page)
+    text = text_of(page)
+    assert "cutover (writes paused)</td><td class='num'>60.8 ms</td>" in text
+    assert "<li>shop.customers: notes</li>" in text
+    assert f"<a href='{path.stem}.incident.md'>incident note</a>" in text and "postmortem</a>" not in text
 
 
 def test_docs_run_report_draws_delta_s_lambda_and_latency(airflow_db, dbpair, reports, tmp_path, monkeypatch):  # noqa: F811
