@@ -115,7 +115,8 @@ SELECT con.conname, con.contype, pg_get_constraintdef(con.oid),
              JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o),
        rn.nspname, rc.relname,
        ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, o)
-             JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o)
+             JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o),
+       con.confmatchtype, con.confupdtype, con.confdeltype, con.condeferrable, con.condeferred
 FROM pg_constraint con
 LEFT JOIN pg_class rc ON rc.oid = con.confrelid LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace
 WHERE con.conrelid = %s AND con.contype IN ('c', 'f') ORDER BY con.conname
@@ -144,12 +145,13 @@ def describe(conn: psycopg.Connection, schema: str, name: str) -> TableInfo | No
             indexes.append({"name": iname, "def": idef, "method": method, "columns": list(cols),
                             "opclass": list(opcs), "expr": exprs})
     checks, fks = [], []
-    for cname, ctype, cdef, cols, rschema, rtable, rcols in conn.execute(_CONSTRAINTS, (oid,)):
+    for cname, ctype, cdef, cols, rschema, rtable, rcols, match, upd, dele, deferrable, deferred in conn.execute(
+            _CONSTRAINTS, (oid,)):
         if ctype == "c":
             checks.append({"name": cname, "def": cdef})
         else:
             fks.append({"name": cname, "columns": list(cols), "ref_schema": rschema, "ref_table": rtable,
-                        "ref_columns": list(rcols), "def": cdef})
+                        "ref_columns": list(rcols), "def": cdef, "tail": _fk_tail(match, upd, dele, deferrable, deferred)})
     info = TableInfo(schema, name, oid, columns, pk, uniques, checks, fks, indexes,
                      user_types(conn, [c.type_oid for c in columns]), float(reltuples), int(relpages))
     for c in columns:
@@ -163,6 +165,18 @@ def describe(conn: psycopg.Connection, schema: str, name: str) -> TableInfo | No
         elif c.type == "tsvector":
             info.tsvectors.append({"column": c.name, **_ts_config(c, indexes, columns)})
     return info
+
+
+_FK_ACTION = {"a": None, "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+
+
+def _fk_tail(match: str, upd: str, dele: str, deferrable: bool, deferred: bool) -> str:
+    """MATCH / ON UPDATE / ON DELETE / DEFERRABLE of a foreign key, from pg_constraint's codes."""
+    parts = ["MATCH FULL"] if match == "f" else []
+    parts += [f"ON {w} {_FK_ACTION[c]}" for w, c in (("UPDATE", upd), ("DELETE", dele)) if _FK_ACTION.get(c)]
+    if deferrable:
+        parts.append("DEFERRABLE INITIALLY DEFERRED" if deferred else "DEFERRABLE")
+    return (" " + " ".join(parts)) if parts else ""
 
 
 def _ts_config(c: ColumnInfo, indexes: list[dict], columns: list[ColumnInfo]) -> dict:

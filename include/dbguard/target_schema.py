@@ -195,13 +195,13 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                 parent = by_source.get((fk["ref_schema"], fk["ref_table"]))
                 if parent is None or not set(fk["columns"]) <= names or _has_constraint(tgt, oid, fk["name"]):
                     continue
-                tail = fk["def"].split(")", 2)[-1]  # ON DELETE / ON UPDATE / MATCH / DEFERRABLE as on the source
+                tail = fk["tail"]  # MATCH / ON UPDATE / ON DELETE / DEFERRABLE as on the source
                 tgt.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID")
                             .format(db.qname(t.target_schema, t.target_name), sql.Identifier(fk["name"]),
                                     sql.SQL(", ").join(map(sql.Identifier, fk["columns"])),
                                     db.qname(parent.target_schema, parent.target_name),
                                     sql.SQL(", ").join(map(sql.Identifier, fk["ref_columns"])),
-                                    sql.SQL(tail.replace(" NOT VALID", ""))))
+                                    sql.SQL(tail)))
                 tgt.commit()
                 done["foreign_keys"].append(f"{t.ref}.{fk['name']}")
                 _validate(spec, run_id, tgt, t, fk["name"])
@@ -274,7 +274,8 @@ def _shape(info: TableInfo, names: set[str] | None = None) -> dict[str, dict]:
         "primary key": tuple(info.primary_key),
         "checks": {c["def"] for c in info.checks},
         "unique": {tuple(u["columns"]) for u in info.uniques},
-        "foreign keys": {(tuple(f["columns"]), f["ref_table"], tuple(f["ref_columns"])) for f in info.foreign_keys},
+        "foreign keys": {(tuple(f["columns"]), f["ref_table"], tuple(f["ref_columns"]), f["tail"])
+                         for f in info.foreign_keys},
         "indexes": {(ix["method"], tuple(ix["columns"]), ix.get("expr")) for ix in info.indexes},
     }
 
