@@ -1,0 +1,162 @@
+"""Cutover and rollback on real PostgreSQL (dbguard.cutover), with a live writer that follows the pointer."""
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from dbguard import capture, cutover, ledger, stages
+from dbguard.demo import load_shop
+from dbguard.spec import load_spec
+
+from test_capture import ROOT, assert_identical
+
+RUN = "cutover-run"
+
+
+def shop_spec():
+    return load_spec(ROOT / "include/migrations/demo_shop.yaml")
+
+
+def migrate(spec, run_id=RUN):
+    """The library stages a run goes through up to the flip (what the DAG's tasks call)."""
+    stages.preflight(spec, run_id)
+    stages.capture_on(spec, run_id)
+    for t in spec.table_order():
+        for r in stages.plan_ranges(spec, run_id, t.name):
+            stages.copy_range(spec, run_id, r)
+    assert stages.reconcile(spec, run_id)["checksum_ok"]
+    stages.finish_schema(spec, run_id)
+
+
+@pytest.fixture
+def migrated(dbpair):
+    load_shop(dbpair.src_dsn, customers=300, orders=1200)
+    spec = shop_spec()
+    migrate(spec)
+    return spec
+
+
+class PointerWriter:
+    """An application that follows the control_table pointer: each transaction reads
+    dbguard.control.write_target FOR SHARE on the source, then writes there. Every committed insert is
+    remembered (key -> side), so a lost or doubled write shows."""
+
+    def __init__(self, src_dsn, tgt_dsn, migration, rate=200):
+        self.dsns = {"source": src_dsn, "target": tgt_dsn}
+        self.migration, self.rate = migration, rate
+        self.inserted: dict[int, str] = {}
+        self.errors: list[str] = []
+        self.max_stall_ms = 0.0
+        self._stop = threading.Event()
+        self.next_id = 800_000_000
+
+    def start(self):
+        self.conns = {k: psycopg.connect(v, autocommit=True) for k, v in self.dsns.items()}
+        self.ptr = psycopg.connect(self.dsns["source"])
+        self.cust = self.conns["source"].execute("SELECT min(id) FROM shop.customers").fetchone()[0]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
+        self.thread.start()
+        return self
+
+    def _run(self):
+        n = 0
+        while not self._stop.is_set():
+            t = time.monotonic()
+            self.next_id += 1
+            try:
+                side = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = %s "
+                                        "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()[0]
+                self.conns[side].execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) "
+                                         "VALUES (%s, %s, now(), 1, 'placed')", (self.next_id, self.cust))
+                self.ptr.commit()
+                self.inserted[self.next_id] = side
+            except psycopg.Error as e:
+                self.ptr.rollback()
+                self.errors.append(str(e).splitlines()[0])
+            self.max_stall_ms = max(self.max_stall_ms, (time.monotonic() - t) * 1000)
+            n += 1
+            ahead = n / self.rate - (time.monotonic() - self.t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(30)
+        for c in [*self.conns.values(), self.ptr]:
+            c.close()
+        return self
+
+
+def _ids(dsn) -> set[int]:
+    with psycopg.connect(dsn) as c:
+        return {r[0] for r in c.execute("SELECT id FROM shop.orders")}
+
+
+def test_check_ready_names_what_blocks(dbpair):
+    load_shop(dbpair.src_dsn, customers=20, orders=50)
+    spec = shop_spec()
+    stages.preflight(spec, RUN)
+    reasons = cutover.check_ready(spec, RUN)
+    assert any("forward capture is not on" in r for r in reasons)
+    with pytest.raises(cutover.CutoverError, match="refused before freezing"):
+        cutover.cutover(spec, RUN)
+    assert cutover.state(spec, RUN)["phase"] == "before"
+
+
+def test_cutover_under_a_writer_then_rollback_loses_nothing(dbpair, migrated):
+    spec = migrated
+    assert cutover.check_ready(spec, RUN) == []
+    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    time.sleep(0.7)
+    out = cutover.cutover(spec, RUN)
+    time.sleep(0.7)
+    s = cutover.state(spec, RUN)
+    assert s["phase"] == "cutover" and s["primary"] == "target" and s["pointer_says"] == "target"
+    assert not capture.is_on(spec) and capture.is_on(spec, direction="reverse")
+    # writes after cutover of every kind, on the new primary
+    with dbpair.tgt(autocommit=True) as app:
+        app.execute("UPDATE shop.customers SET full_name = 'after cutover' WHERE id = (SELECT min(id) FROM shop.customers)")
+        app.execute("UPDATE shop.orders SET id = id + 100000000 WHERE id = (SELECT min(id) FROM shop.orders)")
+        app.execute("DELETE FROM shop.orders WHERE id = (SELECT max(id) FROM shop.orders WHERE id < 800000000)")
+    # a straggler on the old primary is refused, naming the migration and the new primary
+    with dbpair.src(autocommit=True) as straggler, pytest.raises(psycopg.errors.ReadOnlySqlTransaction,
+                                                                  match=r"fenced: migration demo_shop .*target"):
+        straggler.execute("UPDATE shop.customers SET full_name = 'split brain' WHERE id = 1")
+    rb = cutover.rollback(spec, RUN)
+    time.sleep(0.5)
+    w.stop()
+    assert w.errors == [], w.errors[:3]
+    sides = set(w.inserted.values())
+    assert sides == {"source", "target"}, sides  # the writer followed the flip and the flip back
+    assert set(w.inserted) <= _ids(dbpair.src_dsn)  # nothing lost
+    # the writer's inserts into the source after the flip back are (rightly) only there; without them the
+    # two sides are equal row for row (a doubled insert would have failed its primary key)
+    last_on_target = max(k for k, side in w.inserted.items() if side == "target")
+    after = [k for k, side in w.inserted.items() if side == "source" and k > last_on_target]
+    assert after and _ids(dbpair.src_dsn) - _ids(dbpair.tgt_dsn) == set(after)
+    with dbpair.src(autocommit=True) as s:
+        s.execute("DELETE FROM shop.orders WHERE id = ANY(%s)", (after,))
+    assert_identical(dbpair, spec)
+    assert rb["status"] == "rolled_back" and cutover.state(spec, RUN)["primary"] == "source"
+    with dbpair.src() as s:
+        assert s.execute("SELECT count(*) FROM shop.customers WHERE full_name = 'after cutover'").fetchone()[0] == 1
+    # the target is fenced now; the source writable
+    with dbpair.tgt(autocommit=True) as t, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        t.execute("DELETE FROM shop.orders WHERE id = 1")
+    with dbpair.src(autocommit=True) as s:
+        s.execute("UPDATE shop.customers SET full_name = 'source again' WHERE id = (SELECT min(id) FROM shop.customers)")
+    assert out["cutover_ms"] < 5000 and [x["step"] for x in out["steps"]][:3] == ["prepare", "freeze", "verify"]
+    print(f"cutover_ms={out['cutover_ms']} rollback_ms={rb['rollback_ms']} writer_max_stall_ms={w.max_stall_ms:.0f}")
+    assert w.max_stall_ms < out["cutover_ms"] + 1000
+    with dbpair.tgt() as t:
+        m = ledger.metrics(t, RUN)
+        stages_seen = {r[0] for r in t.execute("SELECT stage FROM dbguard.events WHERE run_id = %s", (RUN,))}
+    assert m["cutover_ms"] == out["cutover_ms"] and m["rollback_ms"] == rb["rollback_ms"]
+    assert m["writes_after_cutover"]["target"] >= 3
+    assert {"cutover.freeze", "cutover.pointer", "rollback.pointer"} <= stages_seen
+    # a second rollback is a no-op
+    assert cutover.rollback(spec, RUN)["already"] is True
