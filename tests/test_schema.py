@@ -159,3 +159,13 @@ def test_declared_target_indexes_override_the_source_ones(dbpair):
     with dbpair.tgt() as c:
         assert c.execute("""SELECT to_regclass('"orders note idx"')""").fetchone()[0] is not None
         assert c.execute("SELECT to_regclass('orders_status_idx')").fetchone()[0] is None
+
+
+def test_a_parent_renamed_on_the_target_keeps_its_foreign_keys(dbpair):
+    with dbpair.src() as c:
+        run(c, *SOURCE_DDL)
+    s = spec([{**TABLES[0], "target": {"name": "clients", "schema": "crm"}}, TABLES[1]])
+    assert migrate(s)[1]["differences"] == []
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'orders'::regclass "
+                         "AND contype = 'f'").fetchone()[0] == "crm.clients"

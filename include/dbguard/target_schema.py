@@ -294,6 +294,9 @@ def differences(spec: MigrationSpec, *, ignore: tuple[str, ...] = ()) -> list[st
             if s_info is None or t_info is None:
                 out.append(f"{where}: {'source' if s_info is None else 'target'} table does not exist")
                 continue
+            renamed = {(p.schema_, p.name): p.target_name for p in spec.tables}
+            for f in s_info.foreign_keys:  # a parent renamed on the target (target.name) is the same parent
+                f["ref_table"] = renamed.get((f["ref_schema"], f["ref_table"]), f["ref_table"])
             s, g = _shape(s_info, {c.name for c in t.columns}), _shape(t_info)
             for name, (typ, nn, default, ident, gen, seq) in s["columns"].items():
                 if name not in g["columns"]:
