@@ -507,6 +507,34 @@ class Capture(_Model):
                                                    "(they are recorded either way; dual_write_fail must be 0)")
 
 
+class PgBouncer(_Model):
+    """Where the PgBouncer that applications connect through is, for `cutover.pointer: pgbouncer`."""
+
+    config: str = Field(description="path of the pgbouncer ini file whose [databases] entry is rewritten")
+    database: str = Field(description="the alias applications connect to (a key of [databases])")
+    host: str = Field("127.0.0.1", description="admin console host (or unix socket directory)")
+    port: int = Field(6432, ge=1, le=65535, description="admin console port")
+    user: str = Field("pgbouncer", description="a user listed in admin_users")
+
+
+class Cutover(_Model):
+    """How the flip moves the application and how long writers may be frozen for it."""
+
+    pointer: Literal["control_table", "pgbouncer"] = Field(
+        "control_table", description="control_table: applications read dbguard.control.write_target on the source; "
+                                     "pgbouncer: the alias in the pgbouncer ini is rewritten and reloaded")
+    lock_timeout_ms: int = Field(3_000, ge=1, description="bound on each attempt to take the write freeze")
+    retries: int = Field(3, ge=0, le=100, description="attempts after the first when the freeze lock times out")
+    pgbouncer: PgBouncer | None = Field(None, description="required with pointer: pgbouncer")
+
+    @model_validator(mode="after")
+    def _pgbouncer_needs_settings(self) -> "Cutover":
+        if self.pointer == "pgbouncer" and self.pgbouncer is None:
+            raise ValueError("pgbouncer: pointer 'pgbouncer' needs cutover.pgbouncer {config, database, host, "
+                             "port, user}")
+        return self
+
+
 class MigrationSpec(_Model):
     name: Ident = Field(description="the DAG id is dbguard_<name>")
     description: str = ""
@@ -516,6 +544,7 @@ class MigrationSpec(_Model):
     backfill: Backfill = Field(default_factory=Backfill)
     gates: Gates = Field(default_factory=Gates)
     capture: Capture = Field(default_factory=Capture)
+    cutover: Cutover = Field(default_factory=Cutover)
     window: Window | None = None
     schedule: str | None = Field(None, description="cron expression or preset such as '@daily'; null = manual")
     schema_freeze: bool = Field(True, description="block DDL on migrated source tables during the run")

@@ -64,8 +64,14 @@ def _capturing(spec: MigrationSpec) -> bool:
 
 @_resolved
 def capture_on(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Dual writes on: source triggers write every change to the ledger from now on."""
-    return capture.capture_on(spec, run_id)
+    """Dual writes on: source triggers write every change to the ledger from now on. The control row gets
+    its write_target column ('source') here, so applications can follow the pointer from the start."""
+    out = capture.capture_on(spec, run_id)
+    from .cutover import pointer
+    with db.source(spec) as src:
+        pointer.prepare(src, spec)
+        src.commit()
+    return out
 
 
 @_resolved
@@ -287,6 +293,13 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
     the run marked rolled_back. With drop_target, the migrated target tables are dropped too (the
     ledger stays). The source is never written to, so nothing there needs undoing."""
     run_id = run_id or latest_run(spec) or "rollback"
+    from . import cutover
+    try:
+        phase = cutover.state(spec, run_id)["phase"]
+    except psycopg.Error:
+        phase = "before"
+    if phase in ("cutover", "rolling_back", "finished"):  # after a flip: flip back (resumable), or refuse
+        return {"run_id": run_id, **cutover.rollback(spec, run_id)}
     out = release(spec, run_id, verify=False)
     if drop_target:
         from psycopg import sql
