@@ -126,3 +126,5 @@ def test_a_failed_run_prints_the_gate_message_in_full_on_stderr(airflow_db, dbpa
     assert "docs.documents.tsv q" in err  # the per-query lines of the message, not only its first line
     assert 'failed tasks: ["retrieval_gate"]' in err
     assert "airflow log: " in err and "[DAG TEST]" not in err
+    page = Path(result["report"]).read_text()  # the report links the incident notes and the Airflow log
+    assert "incident note</a>" in page and "postmortem</a>" in page and "Airflow log</a>" in page

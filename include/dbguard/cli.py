@@ -287,6 +287,8 @@ def run_spec(spec_path: str, conf: dict, *, verbose: bool = False) -> dict:
     # Airflow's own log goes beside the run's report; renamed after the run id once dag.test() made it.
     log_dir = report.report_dir() / spec.dag_id
     log_path = log_dir / f".airflow-{os.getpid()}.log"
+    if not verbose:
+        os.environ["DBGUARD_AIRFLOW_LOG_BESIDE_REPORT"] = "1"  # the report links <run>.airflow.log
     with airflow_log_to(log_path, verbose=verbose) as term:
         env.ensure_pool(spec)
         bag = DagBag(str(env.DAGS_FOLDER))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -251,12 +252,21 @@ def _message(msg: str | None, lines: int = 8) -> str:
                    f"<pre>{esc(chr(10).join(parts[lines:]))}</pre></details>")
 
 
-def links_html(base: Path) -> str:
-    """The incident note and postmortem the cutover DAG writes beside the report, when present."""
-    links = [f"<a href='{esc(p.name)}'>{esc(label)}</a>" for label, p in
-             (("incident note", Path(f"{base}.incident.md")), ("postmortem", Path(f"{base}.postmortem.md")),
-              ("Airflow log", Path(f"{base}.airflow.log")), ("report JSON", Path(f"{base}.json")))
-             if p.is_file()]
+NOTE_STATUSES = ("aborted", "rolled_back", "failed")  # dbguard.incident writes its notes for these
+
+
+def links_html(base: Path, status: str | None) -> str:
+    """Files beside the report: the incident note and postmortem (dbguard.incident writes them for a
+    run that did not succeed, right after this page, so they are linked by status as well as when
+    present), the Airflow log of a CLI run, the JSON."""
+    expected = status in NOTE_STATUSES
+    links = [f"<a href='{esc(p.name)}'>{esc(label)}</a>" for label, p, always in
+             (("incident note", Path(f"{base}.incident.md"), expected),
+              ("postmortem", Path(f"{base}.postmortem.md"), expected),
+              # `dbguard run` names its Airflow log after the run once dag.test() returns (env set by the CLI)
+              ("Airflow log", Path(f"{base}.airflow.log"), bool(os.environ.get("DBGUARD_AIRFLOW_LOG_BESIDE_REPORT"))),
+              ("report JSON", Path(f"{base}.json"), True))
+             if always or p.is_file()]
     return f"<p>Files: {' · '.join(links)}</p>" if links else ""
 
 
@@ -275,7 +285,7 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>dbguard {esc(spec.name)} {esc(run_id)}</title>
 <style>{CSS}</style>
 <h1>dbguard: {esc(spec.name)}</h1><p class="muted">run <code>{esc(run_id)}</code>{when} — {esc(spec.description)}</p>
-{links_html(base)}{verdict_html(result, gates(spec, data, f))}
+{links_html(base, result.get("status"))}{verdict_html(result, gates(spec, data, f))}
 <h2>Plots</h2><div class="plots">{imgs or "<p class='muted'>nothing to plot</p>"}</div>
 {incident_html(data.get("incident"))}
 <h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}
