@@ -334,6 +334,10 @@ def rollback(spec: MigrationSpec, run_id: str, *, drop_target: bool = False,
                 preflight.release_freeze(spec)  # the run's schema freeze on the source
                 done.append("release")
     except CutoverError as e:
+        if "pointer" in done:  # flipped back but the target's fence may have rolled back with its freeze
+            with contextlib.suppress(Exception), db.target(spec) as tgt:
+                fence.install(tgt, spec, "target")
+                tgt.commit()
         with db.source(spec) as src:
             st.write(src, spec, run_id, checkpoints=done, last_error=str(e))
             src.commit()
