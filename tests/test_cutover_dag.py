@@ -8,7 +8,7 @@ import zoneinfo
 
 import pytest
 
-from dbguard import demo, flow
+from dbguard import demo, flow, ledger
 from dbguard.airflow import env as afenv
 from dbguard.errors import SpecError
 from dbguard.spec import Window, load_spec
@@ -86,15 +86,16 @@ def test_new_fields_refuse_bad_values_naming_the_field(tmp_path):
 
 # ---- routing and status: pure -------------------------------------------------------------------
 
-def test_undo_action_routes_failures_before_and_after_the_flip():
+def test_rollback_and_release_routing_before_and_after_the_flip():
     ok = {"preflight": "success", "checksum_gate": "success", "cutover": "success", "tail": "success"}
-    assert flow.undo_action(ok, True) == "hold"
-    assert flow.undo_action({**ok, "tail": "failed"}, True) == "rollback"
-    assert flow.undo_action({**ok, "cutover": "failed"}, False) == "release"  # cutover undid itself
-    assert flow.undo_action({"preflight": "failed", "checksum_gate": "upstream_failed"}, False) == "release"
-    assert flow.undo_action({"checksum_gate": "failed"}, False) == "rollback"  # divergence survived repair
-    assert flow.undo_action({"retrieval_gate": "failed"}, False) == "rollback"  # escalation
-    assert flow.undo_action({"wait_for_window": "skipped", "cutover": "skipped"}, False) == "release"
+    assert not flow.needs_rollback(ok, True) and not flow.needs_release(True)  # a clean flip holds
+    assert flow.needs_rollback({**ok, "tail": "failed"}, True)
+    assert not flow.needs_rollback({**ok, "cutover": "failed"}, False)  # cutover undid itself: abort
+    assert not flow.needs_rollback({"preflight": "failed", "checksum_gate": "upstream_failed"}, False)
+    assert flow.needs_rollback({"checksum_gate": "failed"}, False)  # divergence survived repair
+    assert flow.needs_rollback({"retrieval_gate": "failed"}, False)  # escalation
+    assert not flow.needs_rollback({"wait_for_window": "skipped", "cutover": "skipped"}, False)
+    assert flow.needs_release(False)
 
 
 def test_status_names_how_the_run_ended():
@@ -213,7 +214,7 @@ def test_retrieval_escalation_runs_the_rollback_path_promptly_with_an_incident_n
     assert tis["retrieval_gate"].state == "failed"
     assert (tis["retrieval_gate"].end_date - tis["retrieval_gate"].start_date).total_seconds() < 120  # not 5 min
     assert (tis["wait_for_window"].state, tis["cutover"].state) == ("upstream_failed", "upstream_failed")
-    assert (tis["rollback"].state, tis["release"].state) == ("success", "skipped")
+    assert (tis["rollback"].state, tis["release"].state) == ("success", "success")  # release is idempotent
     result = afenv.run_result(dag_run)
     assert result["status"] == "rolled_back" and result["cutover_ms"] is None
     spec = load_spec(path)
@@ -258,3 +259,50 @@ def test_wait_for_window_defers_until_the_opening_under_dag_test(airflow_db, dbp
                                              "stage = 'wait_for_window'", (dag_run.run_id,))]
     assert waits and dt.datetime.fromisoformat(waits[0]["opening"]) == opening
     assert afenv.run_result(dag_run)["status"] == "aborted"
+
+
+def test_drill_parses_fail_at():
+    assert flow.drill({"fail_at": "tail"}, "tail") == ""
+    assert flow.drill({"fail_at": "cutover.pointer"}, "cutover") == "pointer"
+    assert flow.drill({"fail_at": "cutover.pointer"}, "tail") is None
+    assert flow.drill({}, "tail") is None and flow.drill(None, "cutover") is None
+
+
+def test_a_full_run_inside_the_window_ends_cutover(airflow_db, dbpair, reports, tmp_path, monkeypatch):
+    from dbguard import cutover
+
+    path = _cutover_spec(tmp_path, monkeypatch, window=_open_window_now(), approval=True)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test(run_conf={"approve": True})
+    states = _states(dag_run)
+    result = afenv.run_result(dag_run)
+    assert dag_run.state == "success", (states, result)
+    assert (states["cutover"], states["tail"], states["rollback"], states["release"]) == (
+        "success", "success", "skipped", "skipped")
+    assert result["status"] == "cutover" and result["cutover_ms"] > 0
+    st = cutover.state(load_spec(path), dag_run.run_id)
+    assert (st["phase"], st["primary"]) == ("cutover", "target")
+    with dbpair.tgt() as conn:
+        assert conn.execute("SELECT status FROM dbguard.runs WHERE run_id = %s",
+                            (dag_run.run_id,)).fetchone() == ("cutover",)
+    assert not list(reports.glob("dbguard_shop_cut/*.incident.md"))  # a clean flip is no incident
+
+
+def test_a_failure_after_the_flip_runs_rollback(airflow_db, dbpair, reports, tmp_path, monkeypatch):
+    from dbguard import cutover
+
+    path = _cutover_spec(tmp_path, monkeypatch, window=_open_window_now())
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test(run_conf={"fail_at": "tail"})
+    states = _states(dag_run)
+    result = afenv.run_result(dag_run)
+    assert (states["cutover"], states["tail"], states["rollback"], states["release"]) == (
+        "success", "failed", "success", "success"), (states, result)  # release after the flip back
+    assert result["status"] == "rolled_back" and result["cutover_ms"] > 0
+    st = cutover.state(load_spec(path), dag_run.run_id)
+    assert (st["phase"], st["primary"]) == ("rolled_back", "source")
+    with dbpair.tgt() as conn:
+        m = ledger.metrics(conn, dag_run.run_id)
+    assert m.get("rollback_ms") is not None
+    note = (reports / "dbguard_shop_cut" / f"{_safe(dag_run.run_id)}.incident.md").read_text()
+    assert "tail" in note and "had been flipped" in note and "rollback." in note

@@ -124,15 +124,19 @@ def flipped(spec: MigrationSpec, run_id: str) -> bool:
     return (st.get("primary") or st.get("primary_side")) == "target"
 
 
-def undo_action(states: dict[str, str | None], is_flipped: bool) -> str:
-    """Which undo a run needs: "rollback" (cutover.rollback), "release" (abort: capture off, freeze lifted,
-    also the normal end of a run that did not cut over) or "hold" (a clean flip: the dual-write tail stays)."""
-    failed = {t for t, s in states.items() if s in FAILED}
+def needs_rollback(states: dict[str, str | None], is_flipped: bool) -> bool:
+    """The rollback task runs cutover.rollback when the flip happened and anything failed, or when a gate
+    escalated before the flip (checksum_gate / retrieval_gate failed). A clean flip holds (the tail)."""
     if is_flipped:
-        return "rollback" if failed else "hold"
-    if any(states.get(g) == "failed" for g in ESCALATIONS):
-        return "rollback"
-    return "release"
+        return any(s in FAILED for s in states.values())
+    return any(states.get(g) == "failed" for g in ESCALATIONS)
+
+
+def needs_release(is_flipped: bool) -> bool:
+    """The release task (abort: last drain, capture off, schema freeze lifted; idempotent) runs whenever the
+    source is the primary at that point: any failure before the flip, a run that did not flip, and after a
+    rollback (it lifts whatever hold is left)."""
+    return not is_flipped
 
 
 def status(states: dict[str, str | None], *, is_flipped: bool, dry_run: bool = False) -> str:
@@ -151,6 +155,18 @@ def status(states: dict[str, str | None], *, is_flipped: bool, dry_run: bool = F
     if is_flipped:
         return "cutover"
     return "success"
+
+
+def drill(conf: dict | None, where: str) -> str | None:
+    """Run conf `fail_at` rehearses a failure (a game day): "tail" fails the task after the flip, so the
+    rollback path runs; "cutover.<step>" makes that cutover step fail (cutover's fail_at hook). Returns the
+    part after `where` + "." (or "" for an exact match) when it applies here, else None."""
+    at = (conf or {}).get("fail_at")
+    if not isinstance(at, str):
+        return None
+    if at == where:
+        return ""
+    return at[len(where) + 1:] if at.startswith(where + ".") else None
 
 
 def tail(spec: MigrationSpec, run_id: str) -> dict[str, Any]:

@@ -84,16 +84,22 @@ class CutoverOperator(StageOperator):
     def execute(self, context):
         from .. import cutover
 
-        return cutover.cutover(self.spec(), context["run_id"])
+        step = flow.drill(context["dag_run"].conf, "cutover")  # run conf fail_at: cutover.<step> (a drill)
+        return cutover.cutover(self.spec(), context["run_id"], **({"fail_at": step} if step else {}))
 
 
 class TailOperator(StageOperator):
     def execute(self, context):
-        return flow.tail(self.spec(), context["run_id"])
+        spec = self.spec()
+        if flow.drill(context["dag_run"].conf, "tail") is not None:
+            msg = "drill: failure injected after the flip (run conf fail_at=tail); the rollback path runs"
+            stages.record_gate_failure(spec, context["run_id"], "tail", msg)
+            raise AirflowFailException(msg)
+        return flow.tail(spec, context["run_id"])
 
 
 class UndoOperator(StageOperator):
-    """`rollback` or `release` (trigger rule all_done): runs only when flow.undo_action picks it, else skips."""
+    """`rollback` or `release` (trigger rule all_done): runs when flow.needs_rollback / needs_release, else skips."""
 
     def __init__(self, *, action: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -101,9 +107,11 @@ class UndoOperator(StageOperator):
 
     def execute(self, context):
         spec, run_id = self.spec(), context["run_id"]
-        picked = flow.undo_action(task_states(context), flow.flipped(spec, run_id))
-        if picked != self.action:
-            raise AirflowSkipException(f"undo: {picked}")
+        is_flipped = flow.flipped(spec, run_id)
+        run = (flow.needs_release(is_flipped) if self.action == "release"
+               else flow.needs_rollback(task_states(context), is_flipped))
+        if not run:
+            raise AirflowSkipException(f"{self.action} not needed (flipped: {is_flipped})")
         if self.action == "release":
             return stages.release(spec, run_id)
         return flow.rollback(spec, run_id)  # cutover.rollback after a flip; before it, the abort of stages.rollback
