@@ -258,3 +258,15 @@ def test_sequences_after_cutover_and_finish(dbpair):
         cutover.rollback(spec, RUN)
     with dbpair.src(autocommit=True) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         c.execute("INSERT INTO shop.notes (body) VALUES ('to the old primary')")
+
+
+def test_demo_round_trip_cli(dbpair, capfd):
+    """`dbguard demo round_trip`: live pointer-following writer, migrate, cut over, write, roll back, compare."""
+    import json
+
+    from dbguard import cli
+
+    assert cli.main(["demo", "round_trip", "--customers", "200", "--orders", "800"]) == 0
+    last = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert last["status"] == "rolled_back" and last["lost"] == 0
+    assert last["cutover_ms"] > 0 and last["rollback_ms"] > 0 and last["writes_after_cutover"]["target"] > 50

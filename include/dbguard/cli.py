@@ -381,7 +381,7 @@ def reset_target(spec: MigrationSpec) -> None:
 def cmd_demo(args) -> int:
     from . import corpus, demo
 
-    spec_path = DEMO_SPECS[args.which]
+    spec_path = DEMO_SPECS["shop" if args.which == "round_trip" else args.which]
     spec = _load(str(spec_path))
     real_stdout = claim_stdout()
     ids = [spec.source.conn_id, spec.target.conn_id]
@@ -391,13 +391,20 @@ def cmd_demo(args) -> int:
     else:
         embedded.export_env(embedded_uris(reset_target=True))
     t0 = time.monotonic()
-    if args.which == "shop":
+    if args.which in ("shop", "round_trip"):
         say(f"loading demo data into the source ({args.customers} customers, {args.orders} orders)")
         counts = demo.load_shop(spec.source.conn_id, customers=args.customers, orders=args.orders)
     else:
         say("embedding standard-library docstrings (TF-IDF + SVD) into the source")
         counts = corpus.load_docs(spec.source.conn_id)
     say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
+    if args.which == "round_trip":  # migrate, cut over under a live writer, roll back, compare
+        from .cutover.round_trip import round_trip
+
+        out = round_trip(spec, f"round_trip_{int(time.time())}", say=say)
+        print(json.dumps({k: out[k] for k in ("status", "cutover_ms", "rollback_ms", "writes_after_cutover",
+                                              "lost")}, default=str), file=real_stdout, flush=True)
+        return EXIT_OK if out["status"] == "rolled_back" and out["lost"] == 0 else EXIT_FAILED
     return _run_and_print(str(spec_path), {}, real_stdout, args.verbose)
 
 
@@ -406,9 +413,14 @@ def cmd_rollback(args) -> int:
 
     spec = _load(args.spec)
     use_embedded_if_default(spec)
-    out = stages.rollback(spec, args.run_id, drop_target=args.drop_target)
-    say(f"rolled back run {out['run_id']}: capture off, schema freeze lifted"
-        + (f", dropped {', '.join(out['dropped'])}" if out.get("dropped") else ""))
+    out = stages.rollback(spec, args.run_id, drop_target=args.drop_target)  # after a cutover: cutover.rollback
+    if "rollback_ms" in out:
+        say(f"rolled back run {out['run_id']} after its cutover in {out['rollback_ms']} ms: the source is the "
+            f"primary again, the pointer flipped back, writes made on the target meanwhile "
+            f"({out['writes_after_cutover']['target']}) applied to the source, the target fenced")
+    else:
+        say(f"rolled back run {out['run_id']}: capture off, schema freeze lifted"
+            + (f", dropped {', '.join(out['dropped'])}" if out.get("dropped") else ""))
     print(json.dumps(out, default=str))
     return EXIT_OK
 
@@ -462,14 +474,17 @@ def parser() -> argparse.ArgumentParser:
                    help="Airflow's own log on stderr (default: a file beside the report, named at the end)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="load demo data into embedded servers and migrate it")
-    d.add_argument("which", nargs="?", choices=sorted(DEMO_SPECS), default="shop",
-                   help="shop: OLTP tables (default); docs: vectors + full-text search through the retrieval "
+    d.add_argument("which", nargs="?", choices=sorted([*DEMO_SPECS, "round_trip"]), default="shop",
+                   help="shop: OLTP tables (default); round_trip: the shop under a live writer, cut over, "
+                        "write to the target, roll back, compare (JSON: status, cutover_ms, rollback_ms, "
+                        "writes_after_cutover, lost); docs: vectors + full-text search through the retrieval "
                         "gate; docs_bad_analyzer: an analyzer mistake the gate catches (exit 1)")
     d.add_argument("--customers", type=int, default=50_000)
     d.add_argument("--orders", type=int, default=200_000)
     d.add_argument("-v", "--verbose", action="store_true", help="Airflow's own log on stderr")
     d.set_defaults(fn=cmd_demo)
-    rb = sub.add_parser("rollback", help="abort a run: last drain, capture off, freeze lifted; source untouched")
+    rb = sub.add_parser("rollback", help="before a cutover: abort a run (last drain, capture off, freeze lifted); "
+                                         "after one: flip back to the source losing no write (resumable)")
     rb.add_argument("spec")
     rb.add_argument("--run-id", help="default: the migration's latest run in the target ledger")
     rb.add_argument("--drop-target", action="store_true", help="also drop the migrated target tables")
