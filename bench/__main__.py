@@ -147,7 +147,8 @@ def bench_reconcile(rows: int) -> None:
 
 BENCHES = {"backfill": bench_backfill, "reconcile": bench_reconcile}
 EXTERNAL = {"capture": "bench.capture", "shadow_reads": "bench.shadow_reads",
-            "airflow_overhead": "bench.airflow_overhead", "scale": "bench.scale"}
+            "airflow_overhead": "bench.airflow_overhead", "scale": "bench.scale",
+            "cutover": "bench.cutover"}
 
 
 def main(argv: list[str] | None = None) -> int:
