@@ -286,6 +286,37 @@ def test_a_full_run_inside_the_window_ends_cutover(airflow_db, dbpair, reports, 
         assert conn.execute("SELECT status FROM dbguard.runs WHERE run_id = %s",
                             (dag_run.run_id,)).fetchone() == ("cutover",)
     assert not list(reports.glob("dbguard_shop_cut/*.incident.md"))  # a clean flip is no incident
+    bag = dagbag()
+    # finish refuses while rollback is still offered (rollback_ttl_minutes: 60) ...
+    early = bag.dags["dbguard_shop_cut_finish"].test(run_conf={"run_id": dag_run.run_id})
+    assert early.state == "failed"
+    assert cutover.state(load_spec(path), dag_run.run_id)["phase"] == "cutover"
+    # ... and the rollback DAG flips back, losing nothing
+    with dbpair.src() as conn:  # fenced: the old primary refuses a straggling client's write
+        import psycopg
+
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="fenced"):
+            conn.execute("UPDATE shop.customers SET full_name = full_name "
+                         "WHERE id = (SELECT min(id) FROM shop.customers)")
+    rb = bag.dags["dbguard_shop_cut_rollback"].test(run_conf={"run_id": dag_run.run_id})
+    assert rb.state == "success"
+    st = cutover.state(load_spec(path), dag_run.run_id)
+    assert (st["phase"], st["primary"]) == ("rolled_back", "source")
+    with dbpair.tgt() as conn:
+        assert ledger.metrics(conn, dag_run.run_id).get("rollback_ms") is not None
+
+
+def test_the_finish_dag_ends_the_tail_after_the_ttl(airflow_db, dbpair, reports, tmp_path, monkeypatch):
+    from dbguard import cutover
+
+    path = _cutover_spec(tmp_path, monkeypatch, window=_open_window_now(), rollback_ttl_minutes=0.01)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    bag = dagbag()
+    dag_run = bag.dags["dbguard_shop_cut"].test()
+    assert afenv.run_result(dag_run)["status"] == "cutover"
+    fin = bag.dags["dbguard_shop_cut_finish"].test(run_conf={"run_id": dag_run.run_id})
+    assert fin.state == "success"
+    assert cutover.state(load_spec(path), dag_run.run_id)["phase"] == "finished"
 
 
 def test_a_failure_after_the_flip_runs_rollback(airflow_db, dbpair, reports, tmp_path, monkeypatch):

@@ -123,5 +123,7 @@ class FinishOperator(StageOperator):
     def execute(self, context):
         from .. import cutover
 
-        return cutover.finish(self.spec(), context["params"].get("run_id") or stages.latest_run(self.spec()))
+        p = context["params"]
+        return cutover.finish(self.spec(), p.get("run_id") or stages.latest_run(self.spec()),
+                              force=bool(p.get("force")))
 

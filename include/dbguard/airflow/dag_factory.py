@@ -265,7 +265,8 @@ def build_finish_dag(spec_path: str | os.PathLike) -> DAG:
         doc_md=(f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
                 f"`rollback_ttl_minutes` ({spec.rollback_ttl_minutes:g}). Trigger this DAG when that time is up "
                 "(or sooner, when you are sure): reverse capture is removed and rollback is no longer offered."),
-        params={"run_id": Param(None, type=["null", "string"], description="default: the latest run")},
+        params={"run_id": Param(None, type=["null", "string"], description="default: the latest run"),
+                "force": Param(False, type="boolean", description="finish before rollback_ttl_minutes is up")},
     ) as dag:
         FinishOperator(task_id="finish", spec_path=path)
     return dag
