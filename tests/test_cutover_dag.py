@@ -337,3 +337,31 @@ def test_a_failure_after_the_flip_runs_rollback(airflow_db, dbpair, reports, tmp
     assert m.get("rollback_ms") is not None
     note = (reports / "dbguard_shop_cut" / f"{_safe(dag_run.run_id)}.incident.md").read_text()
     assert "tail" in note and "had been flipped" in note and "rollback." in note
+
+
+def test_soak_clock_starts_at_the_first_green_and_passes_after_soak_minutes(dbpair, tmp_path):
+    from dbguard import db
+
+    spec = load_spec(spec_variant(tmp_path, "soak", lambda raw: raw.update(
+        soak_minutes=1, capture={"enabled": False})))
+    with db.target(spec) as tgt:
+        ledger.ensure(tgt)
+        ledger.set_metric(tgt, "r1", spec.name, "checksum_ok", False)
+    verdict, msg = flow.soak_gate(spec, "r1")
+    assert verdict is False and "checksum_ok" in msg  # a red verdict that cannot recover fails at once
+    with db.target(spec) as tgt:
+        ledger.set_metric(tgt, "r1", spec.name, "checksum_ok", True)
+    t0 = dt.datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+    assert flow.soak_gate(spec, "r1", now=t0)[0] is None
+    assert flow.soak_gate(spec, "r1", now=t0 + dt.timedelta(seconds=30))[0] is None
+    verdict, msg = flow.soak_gate(spec, "r1", now=t0 + dt.timedelta(seconds=61))
+    assert verdict is True and "green for 1.02 of 1 minute" in msg
+    with db.target(spec) as tgt:
+        assert ledger.metrics(tgt, "r1")[flow.SOAK_SINCE] == t0.isoformat()
+
+
+def test_cli_run_takes_approve():
+    from dbguard import cli
+
+    assert cli.parser().parse_args(["run", "x.yaml", "--approve"]).approve is True
+    assert cli.parser().parse_args(["run", "x.yaml"]).approve is False
