@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ class Progress:
             return
         self.last = snap
         text = "dbguard: " + line(snap, time.monotonic() - self.t0)
-        if self.tty:
+        if self.tty:  # one line redrawn in place: never wider than the terminal (a wrap breaks \r)
+            text = text[:max(20, shutil.get_terminal_size((120, 24)).columns - 1)]
             pad = max(0, self._width - len(text))
             self.out.write("\r" + text + " " * pad)
             self._width = len(text)
