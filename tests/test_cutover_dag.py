@@ -134,6 +134,8 @@ def test_dag_shape_with_cutover_and_approval(airflow_db, tmp_path, monkeypatch):
     assert {"dbguard_shop_cut_rollback", "dbguard_shop_cut_finish"} <= set(bag.dags)
     assert dag.params["skip_cutover"] is False and dag.params["approve"] is None
     assert dag.timetable.summary  # window from demo_shop: a cron trigger at its openings
+    assert "**Cutover**" in dag.doc_md and "`approval`" in dag.doc_md and "dbguard_shop_cut_finish" in dag.doc_md
+    assert dag.task_dict["soak"].doc_md and dag.task_dict["rollback"].doc_md
 
 
 # ---- real runs ----------------------------------------------------------------------------------

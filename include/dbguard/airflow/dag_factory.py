@@ -194,7 +194,14 @@ def _doc_md(spec: MigrationSpec, path: str) -> str:
             f"| source | target | key | columns |\n|---|---|---|---|\n{rows}\n\n"
             f"Backfill: {spec.backfill.batch_rows} rows per range, pool `{env.pool_name(spec)}` with "
             f"{spec.backfill.concurrency} slots, {spec.backfill.retries} retries. Window: {window}.\n\n"
-            "The run ends failed when any gate fails; `finalize` records the result in the target's "
+            + (f"**Cutover** (`run_cutover`): `wait_for_window` (deadline: " + (
+                f"{spec.window_deadline_minutes:g} min" if spec.window_deadline_minutes else "next opening")
+               + f") -> `soak` ({spec.soak_minutes:g} min green)"
+               + (" -> `approval` (human, or run conf approve)" if spec.approval else "")
+               + " -> `cutover` -> `tail`; a failure after the flip or a gate escalation runs `rollback`, any other "
+               "failure `release` (abort). Ends `cutover` | `rolled_back` | `aborted` | `failed`; end the tail with "
+               f"`{spec.dag_id}_finish` after {spec.rollback_ttl_minutes:g} min.\n\n" if spec.run_cutover else "")
+            + "The run ends failed when any gate fails; `finalize` records the result in the target's "
             "`dbguard` schema and pushes it as XCom `dbguard_result`.")
 
 
