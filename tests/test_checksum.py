@@ -38,6 +38,8 @@ def sums(dbpair, src_row: str, tgt_row: str, h: Hashing = Hashing()):
      "same wall clock, different instant"),
     ("(1, 'a', NULL, 1, NULL)", "(1, 'a', 'NULL', 1, NULL)", "NULL vs the string 'NULL'"),
     ("(1, 'a,b', NULL, 1, NULL)", "(1, 'a', 'b', 1, NULL)", "separator inside a value"),
+    ("(1, 'a', 'b', 0.710, NULL)", "(1, 'a', 'b', 0.71, NULL)",
+     "numeric trailing zeros print differently (0.710 vs 0.71): a user sees the change"),
 ])
 def test_trap_is_a_difference(dbpair, algo, src_row, tgt_row, why):
     src, tgt = sums(dbpair, src_row, tgt_row, algo)
@@ -47,7 +49,6 @@ def test_trap_is_a_difference(dbpair, algo, src_row, tgt_row, why):
 
 @pytest.mark.parametrize("src_row,tgt_row,why", [
     ("(1, 'a', 'b', .71, NULL)", "(1, 'a', 'b', 0.71, NULL)", "numeric .71 is 0.71"),
-    ("(1, 'a', 'b', 0.710, NULL)", "(1, 'a', 'b', 0.71, NULL)", "numeric trailing zeros"),
     ("(1, 'a', 'b', 1, '2024-01-01 12:00+02')", "(1, 'a', 'b', 1, '2024-01-01 10:00+00')",
      "one instant written in two time zones"),
 ])

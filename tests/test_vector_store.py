@@ -12,7 +12,7 @@ from psycopg import sql
 from dbguard import ledger, retrieval
 from dbguard.errors import SpecError
 from dbguard.spec import parse_spec
-from dbguard.transforms import checksum_expr
+from dbguard.transforms import checksum_exprs
 from test_retrieval import NO_LATENCY_FLOOR_MS, T0, simulate_backfill
 
 DIM = 16
@@ -103,7 +103,7 @@ def test_normalising_copy_checksums_equal_after_the_transform(dbpair, col_type):
     col = t.column("emb")
 
     def sums(conn, side, schema_table):
-        q = sql.SQL("SELECT id, {} FROM {} ORDER BY id").format(checksum_expr(t, col, side, 1e-6), schema_table)
+        q = sql.SQL("SELECT id, {} FROM {} ORDER BY id").format(checksum_exprs(t, col, side, 1e-6)[0], schema_table)
         return conn.execute(q).fetchall()
 
     with dbpair.src() as s, dbpair.tgt() as g:
@@ -114,7 +114,7 @@ def test_normalising_copy_checksums_equal_after_the_transform(dbpair, col_type):
         assert np.allclose(norms, 1, atol=1e-5)
         # Without the transform the source would not match: the raw vectors are not unit length.
         raw = s.execute(sql.SQL("SELECT id, {} FROM vs.items ORDER BY id").format(
-            checksum_expr(t, col, "target", 1e-6))).fetchall() if col_type.startswith("vector") else None
+            checksum_exprs(t, col, "target", 1e-6)[0])).fetchall() if col_type.startswith("vector") else None
         if raw is not None:
             assert raw != tgt
         g.execute("UPDATE vs.items SET emb = l2_normalize(emb + %s::vector) WHERE id = 7",

@@ -1,10 +1,18 @@
 """Per-column SQL expressions: what the copy selects and what the checksum hashes.
 
-`source_expr` is the declared transform applied while copying (identity for
-plain columns). `checksum_expr` is the canonical form hashed on each side:
-after the transform on the source, cast to the target type when the type
-changes, numeric trailing zeros trimmed, extension types (whose type OIDs
-differ between databases) hashed through their text form.
+`source_expr` is what the copy selects on the source: the declared transform (vector normalisation, an
+analyzer change), and for a changed `target_type` the SQL cast to it — the one conversion the copy, the
+change capture (capture.values.cast_expr) and the checksum all make, so real -> double precision gives
+0.100000001490116 everywhere instead of 0.1 in one place and the cast in another.
+
+`checksum_exprs` is the canonical form hashed on each side: **two values whose text output differs hash
+differently**, because that is what a user sees. A type's own hash follows its equality, which is looser
+than its text: −0 = 0 (floats), 1.10 = 1.1 (numeric, also inside jsonb), '1 day' = '24 hours' (interval),
+'[0:2]={1,2,3}' hashes like '{1,2,3}' (array bounds), 'A' = 'a' (citext, nondeterministic collations). So
+each such type adds what its equality ignores, as cheaply as it can: floats their sign of zero (a text cast
+for zeros only), numerics their scale, arrays their bounds (float arrays their exact bits), jsonb, json,
+interval and types without a hash function their text. Extension types go through text (their OIDs differ
+between databases).
 """
 from __future__ import annotations
 
@@ -52,40 +60,48 @@ def source_expr(table: Table, column: Column) -> sql.Composable:
         return vector.source_expr(table, vs)
     if (ss := search.store_for(table, column.name)) is not None:
         return search.source_expr(table, ss)
+    if column.tgt_type != column.type:
+        return sql.SQL("({})::{}").format(sql.Identifier(column.name), sql.SQL(column.tgt_type))
     return sql.Identifier(column.name)
 
 
-def checksum_expr(table: Table, column: Column, side: str, tolerance: float = 1e-6,
-                  algorithm: str = "hash_record") -> sql.Composable:
-    """The canonical expression hashed for this column on `side` ('source' or 'target').
+_FLOAT = re.compile(r"^(real|float4|float8|double precision|float)\b")
+_TEXT_HASHED = re.compile(r"^(jsonb|json|interval)\b")  # equality looser than the text: hash the text
+
+
+def checksum_exprs(table: Table, column: Column, side: str, tolerance: float = 1e-6,
+                   algorithm: str = "hash_record") -> list[sql.Composable]:
+    """The canonical expressions hashed for this column on `side` ('source' or 'target'), in order.
 
     `tolerance` (the spec's gates.float_tolerance) rounds vector components after the transform.
-    `algorithm` is checksum.Hashing's: for "hash_record" the value must have an extended hash
-    function (else its text is hashed) and text hashes under COLLATE "C" (a nondeterministic
-    collation would hash 'A' like 'a'); for "md5" (record_send) numerics are trimmed and
-    extension types, whose OIDs differ between databases, go through text.
+    `algorithm` is checksum.Hashing's. "hash_record" (hash_record_extended over the row) needs values with
+    an extended hash function and text under COLLATE "C"; what each type's equality ignores is added (see
+    the module docstring). "md5" hashes record_send, whose binary forms already keep scale, sign of zero,
+    array bounds and interval fields; extension types go through text.
     """
     from .stores import search, vector
 
     if (vs := vector.store_for(table, column.name)) is not None:
-        return vector.checksum_expr(table, vs, side, tolerance)
+        return [vector.checksum_expr(table, vs, side, tolerance)]
     if (ss := search.store_for(table, column.name)) is not None and search.transforms_column(ss):
-        return search.checksum_expr(table, ss, side)
-    if side == "source":
-        expr: sql.Composable = source_expr(table, column)
-        if column.tgt_type != column.type:
-            expr = sql.SQL("({})::{}").format(expr, sql.SQL(column.tgt_type))
-    else:
-        expr = sql.Identifier(column.name)
+        return [search.checksum_expr(table, ss, side)]
+    e = source_expr(table, column) if side == "source" else sql.Identifier(column.name)
     t = column.tgt_type
-    if algorithm == "hash_record":
-        if not _HASHABLE.match(t):
-            return sql.SQL("({})::text").format(expr)
-        if _TEXTLIKE.match(t):
-            return sql.SQL('({}) COLLATE "C"').format(expr)
-        return expr
-    if _NUMERIC.match(t):
-        expr = sql.SQL("trim_scale({})").format(expr) if not t.endswith("]") else expr
-    if not is_builtin(t):
-        expr = sql.SQL("({})::text").format(expr)
-    return expr
+    text = sql.SQL("({})::text").format(e)
+    if algorithm != "hash_record":
+        return [e if is_builtin(t) else text]
+    array = t.endswith("]")
+    if not _HASHABLE.match(t) or _TEXT_HASHED.match(t) or (array and _NUMERIC.match(t)):
+        return [text]
+    if array:
+        if _FLOAT.match(t):  # exact bits (−0, every element), bounds and dimensions, in one bytea
+            return [sql.SQL("array_send({})").format(e)]
+        arr = sql.SQL('({}) COLLATE "C"').format(e) if _TEXTLIKE.match(t) else e
+        return [arr, sql.SQL("array_dims({})").format(e)]
+    if _TEXTLIKE.match(t):
+        return [sql.SQL('({}) COLLATE "C"').format(e)]
+    if _FLOAT.match(t):  # −0 = 0 for the hash: add the text of zeros only (cheap)
+        return [e, sql.SQL("CASE WHEN {0} = 0 THEN ({0})::text END").format(e)]
+    if _NUMERIC.match(t):  # 1.10 = 1.1 for the hash: add the scale
+        return [e, sql.SQL("scale({})").format(e)]
+    return [e]
