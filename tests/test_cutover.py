@@ -270,3 +270,133 @@ def test_demo_round_trip_cli(dbpair, capfd):
     last = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert last["status"] == "rolled_back" and last["lost"] == 0
     assert last["cutover_ms"] > 0 and last["rollback_ms"] > 0 and last["writes_after_cutover"]["target"] > 50
+
+
+# ---- pgbouncer pointer -----------------------------------------------------------------------------
+
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pgbouncer(dbpair):
+    """A real PgBouncer (transaction pooling) on a free localhost port; alias `shopdb` -> the source."""
+    import os
+    import shutil
+    import subprocess
+
+    if not os.path.exists(PGBOUNCER):
+        pytest.fail(f"{PGBOUNCER} is missing: apt-get install pgbouncer (the Makefile does as root)")
+    src = psycopg.connect(dbpair.src_dsn)
+    host, dbname, user = src.info.host, src.info.dbname, src.info.user
+    port = src.info.port
+    src.close()
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="dbguard-pgbouncer-"))  # readable by the user PgBouncer runs as
+    lport = _free_port()
+    ini = d / "pgbouncer.ini"
+    ini.write_text(f"""[databases]
+shopdb = host={host} port={port} dbname={dbname} user={user}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {lport}
+unix_socket_dir =
+auth_type = trust
+auth_file = {d}/users.txt
+admin_users = {user}
+pool_mode = transaction
+server_reset_query =
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+""")
+    (d / "users.txt").write_text(f'"{user}" ""\n')
+    for p in (d, ini, d / "users.txt"):
+        os.chmod(p, 0o777 if p.is_dir() else 0o666)
+    # as root, PgBouncer must drop to a user that can reach the servers' socket directory (its owner)
+    owner = None
+    if os.geteuid() == 0:
+        import pwd
+        owner = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "postgres"
+    cmd = [PGBOUNCER, "-d", *(["-u", owner] if owner else []), str(ini)]
+    subprocess.run(cmd, check=True)
+    deadline = time.monotonic() + 10
+    while not (d / "pgbouncer.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int((d / "pgbouncer.pid").read_text())
+    yield {"ini": str(ini), "port": lport, "user": user, "dsn": f"host=127.0.0.1 port={lport} dbname=shopdb user={user}"}
+    os.kill(pid, 15)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pgbouncer_pointer_moves_a_pooled_client_and_back(dbpair, pgbouncer):
+    load_shop(dbpair.src_dsn, customers=200, orders=500)
+    spec = shop_spec()
+    spec = spec.model_copy(update={"cutover": spec.cutover.model_copy(update={
+        "pointer": "pgbouncer", "pgbouncer": cutover_pgb(pgbouncer)})})
+    migrate(spec)
+    with psycopg.connect(dbpair.src_dsn) as c:
+        src_dir = c.execute("SELECT current_setting('data_directory')").fetchone()[0]
+    with psycopg.connect(dbpair.tgt_dsn) as c:
+        tgt_dir = c.execute("SELECT current_setting('data_directory')").fetchone()[0]
+    app = psycopg.connect(pgbouncer["dsn"], autocommit=True, prepare_threshold=None)
+    where = lambda: app.execute("SELECT current_setting('data_directory')").fetchone()[0]  # noqa: E731
+    written, errors, stop = [], [], threading.Event()
+    import itertools
+    ids = itertools.count(600_000_001)
+
+    def write():
+        while not stop.is_set():
+            i = next(ids)
+            try:
+                app.execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) "
+                            "SELECT %s, min(id), now(), 2, 'via pgbouncer' FROM shop.customers", (i,))
+                written.append(i)
+            except psycopg.Error as e:
+                errors.append(str(e).splitlines()[0])
+            time.sleep(0.01)
+
+    assert where() == src_dir
+    # a cutover failing after the alias was rewritten points it back and resumes it: the client is on the source
+    with pytest.raises(cutover.CutoverError, match="step 'unfreeze'"):
+        cutover.cutover(spec, RUN, fail_at="unfreeze")
+    assert where() == src_dir and cutover.state(spec, RUN)["pointer_says"] == "source"
+    th = threading.Thread(target=write, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    cutover.cutover(spec, RUN)
+    time.sleep(0.5)
+    s = cutover.state(spec, RUN)
+    assert s["primary"] == "target" and s["pointer_says"] == "target"
+    n_at_cutover = len(written)
+    time.sleep(0.5)
+    stop.set()
+    th.join(10)
+    assert where() == tgt_dir  # the same client connection, now on the target
+    assert len(written) > n_at_cutover and errors == [], errors[:3]
+    stop.clear()
+    th = threading.Thread(target=write, daemon=True)
+    th.start()
+    time.sleep(0.3)
+    cutover.rollback(spec, RUN)
+    time.sleep(0.5)
+    stop.set()
+    th.join(10)
+    assert where() == src_dir and cutover.state(spec, RUN)["pointer_says"] == "source"
+    assert errors == [], errors[:3]
+    assert set(written) <= _ids(dbpair.src_dsn)  # nothing lost across both flips
+    app.close()
+
+
+def cutover_pgb(p):
+    from dbguard.spec import PgBouncer
+
+    return PgBouncer(config=p["ini"], database="shopdb", host="127.0.0.1", port=p["port"], user=p["user"])

@@ -511,7 +511,7 @@ class PgBouncer(_Model):
     """Where the PgBouncer that applications connect through is, for `cutover.pointer: pgbouncer`."""
 
     config: str = Field(description="path of the pgbouncer ini file whose [databases] entry is rewritten")
-    database: str = Field(description="the alias applications connect to (a key of [databases])")
+    database: Ident = Field(description="the alias applications connect to (a key of [databases])")
     host: str = Field("127.0.0.1", description="admin console host (or unix socket directory)")
     port: int = Field(6432, ge=1, le=65535, description="admin console port")
     user: str = Field("pgbouncer", description="a user listed in admin_users")

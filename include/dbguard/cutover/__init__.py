@@ -164,7 +164,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         raise CutoverError("cutover refused before freezing anything: " + "; ".join(reasons))
     steps = _Steps(spec, run_id, "cutover", fail_at)
     out: dict[str, Any] = {"run_id": run_id, "pointer": spec.cutover.pointer}
-    frozen_at = None
+    frozen_at, held = None, None
     try:
         with steps.step("prepare"), db.source(spec) as src:
             st.ensure(src)
@@ -176,6 +176,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
             q = capture.quiesced(spec, run_id, "forward", lock_timeout_ms=spec.cutover.lock_timeout_ms,
                                  retries=spec.cutover.retries)
             frozen_at = time.monotonic()  # writers queue behind the freeze's lock requests from here
+            held = pointer.hold(spec)  # pgbouncer: PAUSE the alias first (see pgbouncer.py)
             src, info = q.__enter__()
         out["freeze"] = {"attempts": info["attempts"], "drained": info["drained"]}
         try:
@@ -195,6 +196,8 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
                 st.write(src, spec, run_id, phase="cutover", primary_side="target", stamp="cutover_at")
             with steps.step("unfreeze"):
                 q.__exit__(None, None, None)
+                pointer.release(spec, held)
+                held = None
         except BaseException as e:
             with contextlib.suppress(Exception):
                 q.__exit__(type(e), e, e.__traceback__)
@@ -202,6 +205,10 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         cutover_ms = round((time.monotonic() - frozen_at) * 1000, 1)
     except CutoverError as e:
         undo = _undo_cutover(spec, run_id, str(e))
+        if held is not None:
+            with contextlib.suppress(Exception):
+                pointer.release(spec, held)
+            undo.append("pgbouncer alias resumed")
         steps.record({"cutover_ms": None, "cutover_aborted": {"error": str(e), "undo": undo}})
         raise CutoverError(f"{e}; undone: {', '.join(undo) or 'nothing'}; the source stays the writable primary "
                            "with forward capture on") from e.__cause__
@@ -278,10 +285,11 @@ def rollback(spec: MigrationSpec, run_id: str, *, drop_target: bool = False,
         if "pointer" not in done:
             # the pointer row first (applications read it FOR SHARE, then write to the target): taking it
             # after the target's tables would wait for a writer that waits for us
-            ptr, q = db.source(spec), None
+            ptr, q, held = db.source(spec), None, None
             try:
                 with steps.step("freeze"):
                     frozen_at = time.monotonic()
+                    held = pointer.hold(spec)
                     lock_retrying(ptr, spec.cutover.lock_timeout_ms * (spec.cutover.retries + 1),
                                   lambda: ptr.execute("LOCK TABLE dbguard.control IN EXCLUSIVE MODE"))
                     cm = capture.quiesced(spec, run_id, "reverse", lock_timeout_ms=spec.cutover.lock_timeout_ms,
@@ -311,9 +319,15 @@ def rollback(spec: MigrationSpec, run_id: str, *, drop_target: bool = False,
                 if q is not None:
                     with contextlib.suppress(Exception):
                         q.__exit__(type(e), e, e.__traceback__)
+                if "pointer" not in done and spec.cutover.pointer == "pgbouncer":
+                    with contextlib.suppress(Exception):  # the alias may have been rewritten: the target again
+                        pointer.point(ptr, spec, "target")
                 raise
             finally:
                 ptr.close()  # rolls back whatever of the pointer transaction did not commit
+                if held is not None:
+                    with contextlib.suppress(Exception):
+                        pointer.release(spec, held)
             out["rollback_freeze_ms"] = round((time.monotonic() - frozen_at) * 1000, 1)
         if "fence_target_again" not in done:
             # after an interruption between the flip back and the freeze's commit, the target's fence was

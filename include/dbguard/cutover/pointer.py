@@ -1,5 +1,7 @@
 """Where applications send their writes.
 
+pgbouncer: see pgbouncer.py (the control row is kept in step as a record).
+
 control_table (default): the `dbguard.control` row of the migration (direction 'forward') on the SOURCE:
 `read_source` and `write_target` ('source' | 'target'). An application reads it FOR SHARE at the start
 of each transaction (README, "Cutover and rollback"); the cutover's freeze holds the row locked, so a
@@ -18,29 +20,31 @@ ADD_COLUMN = ("ALTER TABLE dbguard.control ADD COLUMN IF NOT EXISTS write_target
 
 def prepare(src: psycopg.Connection, spec: MigrationSpec) -> None:
     """Before any freeze (DDL on the control table): the control row and its write_target column exist."""
-    if spec.cutover.pointer == "control_table":
-        if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is None:
-            src.execute(SOURCE_DDL)
-        if not src.execute("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'dbguard.control'::regclass "
-                           "AND attname = 'write_target' AND NOT attisdropped)").fetchone()[0]:
-            src.execute(ADD_COLUMN)
-        src.execute("INSERT INTO dbguard.control (migration, direction) VALUES (%s, 'forward') "
-                    "ON CONFLICT DO NOTHING", (spec.name,))
+    if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is None:
+        src.execute(SOURCE_DDL)
+    if not src.execute("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'dbguard.control'::regclass "
+                       "AND attname = 'write_target' AND NOT attisdropped)").fetchone()[0]:
+        src.execute(ADD_COLUMN)
+    src.execute("INSERT INTO dbguard.control (migration, direction) VALUES (%s, 'forward') "
+                "ON CONFLICT DO NOTHING", (spec.name,))
 
 
 def point(src: psycopg.Connection, spec: MigrationSpec, side: str) -> dict:
     """Send the application to `side`, in `src`'s transaction (the caller commits it with the phase)."""
     assert side in ("source", "target")
-    if spec.cutover.pointer != "control_table":
-        raise NotImplementedError(f"cutover.pointer {spec.cutover.pointer!r} is not built yet; use control_table")
+    out = {"kind": "control_table", "write_target": side}
+    if spec.cutover.pointer == "pgbouncer":  # the alias moves; the control row says the same, for state()
+        from . import pgbouncer
+        out = pgbouncer.point(spec, side)
     src.execute("UPDATE dbguard.control SET write_target = %s, read_source = %s, updated_at = clock_timestamp() "
                 "WHERE migration = %s AND direction = 'forward'", (side, side == "source", spec.name))
-    return {"kind": "control_table", "write_target": side}
+    return out
 
 
 def current(src: psycopg.Connection, spec: MigrationSpec) -> str | None:
-    if spec.cutover.pointer != "control_table":
-        return None
+    if spec.cutover.pointer == "pgbouncer":
+        from . import pgbouncer
+        return pgbouncer.current(spec)
     try:
         row = src.execute("SELECT write_target FROM dbguard.control WHERE migration = %s AND direction = 'forward'",
                           (spec.name,)).fetchone()
@@ -55,6 +59,21 @@ def current(src: psycopg.Connection, spec: MigrationSpec) -> str | None:
 
 def reachable(src: psycopg.Connection, spec: MigrationSpec) -> str | None:
     """None when the pointer can be flipped, else why not."""
-    if spec.cutover.pointer != "control_table":
-        return f"cutover.pointer {spec.cutover.pointer!r} is not built yet; use control_table"
+    if spec.cutover.pointer == "pgbouncer":
+        from . import pgbouncer
+        return pgbouncer.reachable(spec)
     return None
+
+
+def hold(spec: MigrationSpec):
+    """Before a freeze: pgbouncer pauses the alias (pooled clients queue in PgBouncer); None otherwise."""
+    if spec.cutover.pointer == "pgbouncer":
+        from . import pgbouncer
+        return pgbouncer.pause(spec)
+    return None
+
+
+def release(spec: MigrationSpec, held) -> None:
+    if held is not None:
+        from . import pgbouncer
+        pgbouncer.resume(held, spec)
