@@ -67,14 +67,28 @@ def _columns(conn: psycopg.Connection, schema: str, name: str) -> dict[str, tupl
     return {n: (t, nn, coll) for n, t, nn, coll in conn.execute(COLUMNS_Q, (fq,))}
 
 
-def _key_is_unique(conn: psycopg.Connection, table: Table) -> bool:
+def _key_problem(conn: psycopg.Connection, table: Table) -> str | None:
+    """Why the key cannot carry ranges and upserts, or None. A unique index over NULL-able columns does not
+    make a key: rows whose key holds a NULL fall in no range (never copied) and never conflict (duplicated)."""
     fq = _fq(conn, table.schema_, table.name)
     rows = conn.execute(
-        """SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_index i
+        """SELECT i.indexrelid::regclass::text, array_agg(a.attname ORDER BY a.attname),
+                  array_agg(a.attname ORDER BY a.attname) FILTER (WHERE NOT a.attnotnull)
+           FROM pg_index i
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
            WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL
            GROUP BY i.indexrelid""", (fq,)).fetchall()
-    return any(sorted(cols) == sorted(table.key) for (cols,) in rows)
+    matching = [(name, nullable) for name, cols, nullable in rows if sorted(cols) == sorted(table.key)]
+    if any(not nullable for _, nullable in matching):
+        return None
+    where = f"tables[{table.ref}].key"
+    if matching:
+        name, nullable = matching[0]
+        return (f"{where}: {table.key} is unique only through index {name}, whose column(s) {nullable} may be NULL; "
+                f"rows with a NULL key would never be copied. Make them NOT NULL (ALTER TABLE {table.schema_}."
+                f"{table.name} ALTER COLUMN ... SET NOT NULL) or key the table on a primary key")
+    return (f"{where}: {table.key} is not unique on the source (no primary key or unique index on exactly these "
+            f"columns); ranges and upserts need a unique key")
 
 
 def _schema_usable(conn: psycopg.Connection, schema: str) -> bool | None:
@@ -109,9 +123,8 @@ def _contract(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
                 problems.append(f"{where}.columns[{c.name}].type: spec says {canonical_type(c.type)!r} but the "
                                 f"source column is {cols[c.name][0]!r}; declare the source type (use target_type "
                                 f"to change it on the target)")
-        if all(k in cols for k in t.key) and not _key_is_unique(conn, t):
-            problems.append(f"{where}.key: {t.key} is not unique on the source (no primary key or unique index "
-                            f"on exactly these columns); ranges and upserts need a unique key")
+        if all(k in cols for k in t.key) and (problem := _key_problem(conn, t)):
+            problems.append(problem)
     return problems
 
 

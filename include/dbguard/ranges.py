@@ -17,7 +17,7 @@ from psycopg import sql
 
 from .db import qname
 from .spec import Table
-from .transforms import is_textlike
+from .transforms import is_builtin, is_textlike
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,21 @@ class KeyRange:
         return [KeyRange(self.table, first_id + i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
+def _ordered(expr: sql.Composable, type_: str) -> sql.Composable:
+    """A key value as ranges compare it, the same on both servers: text under COLLATE "C" (byte order);
+    a user-defined type (domain, enum, composite) as its text under COLLATE "C", because its order depends
+    on what each database defines (a domain over text follows the database collation, an enum its labels'
+    creation order). Such keys cannot use an index for range scans; built-in keys keep theirs."""
+    if is_textlike(type_):
+        return sql.SQL('{} COLLATE "C"').format(expr)
+    if not is_builtin(type_):
+        return sql.SQL('({})::text COLLATE "C"').format(expr)
+    return expr
+
+
 def key_exprs(table: Table, alias: str | None = None) -> list[sql.Composable]:
-    out = []
-    for k in table.key:
-        ident = sql.Identifier(alias, k) if alias else sql.Identifier(k)
-        out.append(sql.SQL('{} COLLATE "C"').format(ident) if is_textlike(table.column(k).type) else ident)
-    return out
+    return [_ordered(sql.Identifier(alias, k) if alias else sql.Identifier(k), table.column(k).type)
+            for k in table.key]
 
 
 def key_row(table: Table, alias: str | None = None) -> sql.Composable:
@@ -73,8 +82,8 @@ def _bound_row(table: Table, values: tuple[str, ...]) -> sql.Composable:
     parts = []
     for k, v in zip(table.key, values):
         t = table.column(k).type
-        lit = sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t))
-        parts.append(sql.SQL('{} COLLATE "C"').format(lit) if is_textlike(t) else lit)
+        lit = sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t)) if is_builtin(t) else sql.Literal(v)
+        parts.append(_ordered(lit, t))
     return sql.SQL("({})").format(sql.SQL(", ").join(parts))
 
 
