@@ -367,3 +367,37 @@ def test_cli_run_takes_approve():
 
     assert cli.parser().parse_args(["run", "x.yaml", "--approve"]).approve is True
     assert cli.parser().parse_args(["run", "x.yaml"]).approve is False
+
+
+def test_cli_without_approve_stops_before_the_flip_and_with_it_cuts_over(airflow_db, dbpair, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dbguard import cutover
+
+    def edit(raw):
+        raw.update(name="shop_cli_cut", run_cutover=True, approval=True, soak_minutes=0.01, window=_open_window_now())
+    spec = spec_variant(tmp_path, "shop_cli_cut", edit)
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    env = {**os.environ, "DBGUARD_REPORT_DIR": str(tmp_path / "reports")}
+    dbguard = str(Path(sys.executable).with_name("dbguard"))
+    proc = subprocess.run([dbguard, "run", str(spec)], capture_output=True, text=True, env=env, timeout=300)
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 1 and result["status"] == "aborted", proc.stderr[-3000:]
+    assert "--approve" in proc.stderr and result["cutover_ms"] is None
+    # start over from a clean target (a re-run onto the aborted run's copy is not this test's subject)
+    drop = subprocess.run([dbguard, "rollback", str(spec), "--drop-target"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert drop.returncode == 0, drop.stderr[-2000:]
+    proc = subprocess.run([dbguard, "run", str(spec), "--approve"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 0 and result["status"] == "cutover", proc.stderr[-3000:]
+    assert result["cutover_ms"] > 0 and result["writes_after_cutover"] == {"target": 0, "source": 0}
+    with dbpair.tgt() as conn:
+        run_id = conn.execute("SELECT run_id FROM dbguard.runs WHERE migration = 'shop_cli_cut' "
+                              "ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+    assert cutover.state(load_spec(spec), run_id)["primary"] == "target"
