@@ -336,7 +336,8 @@ def test_a_failure_after_the_flip_runs_rollback(airflow_db, dbpair, reports, tmp
     assert (st["phase"], st["primary"]) == ("rolled_back", "source")
     with dbpair.tgt() as conn:
         m = ledger.metrics(conn, dag_run.run_id)
-    assert m.get("rollback_ms") is not None
+    assert m.get("rollback_ms") is not None and result["rollback_ms"] == m["rollback_ms"]
+    assert result["writes_after_cutover"] is not None
     note = (reports / "dbguard_shop_cut" / f"{_safe(dag_run.run_id)}.incident.md").read_text()
     assert "tail" in note and "had been flipped" in note and "rollback." in note
 
@@ -401,3 +402,15 @@ def test_cli_without_approve_stops_before_the_flip_and_with_it_cuts_over(airflow
         run_id = conn.execute("SELECT run_id FROM dbguard.runs WHERE migration = 'shop_cli_cut' "
                               "ORDER BY started_at DESC LIMIT 1").fetchone()[0]
     assert cutover.state(load_spec(spec), run_id)["primary"] == "target"
+
+
+def test_skip_cutover_copies_verifies_and_releases(airflow_db, dbpair, reports, tmp_path, monkeypatch):
+    _cutover_spec(tmp_path, monkeypatch, window=_open_window_now())
+    demo.load_shop(dbpair.source, customers=300, orders=900)
+    dag_run = dagbag().dags["dbguard_shop_cut"].test(run_conf={"skip_cutover": True})
+    states = _states(dag_run)
+    assert dag_run.state == "success", states
+    assert (states["wait_for_window"], states["cutover"], states["rollback"], states["release"]) == (
+        "skipped", "skipped", "skipped", "success")
+    result = afenv.run_result(dag_run)
+    assert result["status"] == "success" and result["checksum_ok"] is True and result["cutover_ms"] is None
