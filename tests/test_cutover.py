@@ -117,6 +117,8 @@ def test_cutover_under_a_writer_then_rollback_loses_nothing(dbpair, migrated):
     s = cutover.state(spec, RUN)
     assert s["phase"] == "cutover" and s["primary"] == "target" and s["pointer_says"] == "target"
     assert not capture.is_on(spec) and capture.is_on(spec, direction="reverse")
+    with pytest.raises(cutover.CutoverError, match="already past the cutover"):  # the flip happens once
+        cutover.cutover(spec, RUN)
     # writes after cutover of every kind, on the new primary
     with dbpair.tgt(autocommit=True) as app:
         app.execute("UPDATE shop.customers SET full_name = 'after cutover' WHERE id = (SELECT min(id) FROM shop.customers)")
