@@ -51,7 +51,8 @@ class PointerWriter:
             cols = {r[0] for r in src.execute("SELECT attname FROM pg_attribute WHERE attrelid = "
                                               "'dbguard.control'::regclass AND attnum > 0")}
             col = "write_target" if "write_target" in cols else "CASE WHEN read_source THEN 'source' ELSE 'target' END"
-            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s", (NAME,)).fetchone()
+            only = " AND direction = 'forward'" if "direction" in cols else ""
+            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s{only}", (NAME,)).fetchone()
         return (row[0] if row and row[0] else "source")
 
     def _one(self, conn: psycopg.Connection) -> None:
@@ -129,6 +130,7 @@ def _spec_file(tmp: Path) -> Path:
     raw["backfill"] = {"concurrency": 2}
     raw["name"] = NAME
     raw["window"] = {"start": "00:00", "end": "23:59"}
+    raw["run_cutover"] = True  # the whole DAG: backfill, reconcile, capture under the writer, cutover
     path = tmp / f"{NAME}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
