@@ -48,7 +48,8 @@ def _append_regression(spec: MigrationSpec, run_id: str, conn, out: Path) -> tup
     n = report.regression_gold(spec, run_id, conn, run_file)
     reg = out / "regression_gold.jsonl"
     if n:
-        have = {json.loads(ln).get("id") for ln in reg.read_text().splitlines() if ln.strip()} if reg.exists() else set()
+        old = reg.read_text().splitlines() if reg.exists() else []
+        have = {json.loads(ln).get("id") for ln in old if ln.strip()}
         new = [ln for ln in run_file.read_text().splitlines() if ln.strip() and json.loads(ln).get("id") not in have]
         with reg.open("a", encoding="utf-8") as f:
             f.writelines(ln + "\n" for ln in new)
