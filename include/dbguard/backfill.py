@@ -55,9 +55,18 @@ class RangeResult:
 
 
 def fence(tgt: psycopg.Connection, spec: MigrationSpec) -> None:
-    """With capture on, no drain batch may commit between a copy's source snapshot and its commit."""
+    """With capture on, no drain batch may commit between a copy's source snapshot and its commit.
+    Then, like the applier, the copy writes as a replica: the target's foreign keys (finish_schema adds them;
+    a re-run onto an aborted run's target finds them) and user triggers do not fire on rows that replay the
+    source — the range's orphan count and the checksum gate judge the result instead. Without the privilege
+    (superuser or GRANT SET ON PARAMETER session_replication_role) constraints are checked per row."""
     if spec.capture.enabled:
         fence_copy(tgt, spec)
+    tgt.execute("SAVEPOINT dbguard_role")
+    try:
+        tgt.execute("SET LOCAL session_replication_role = replica")
+    except psycopg.errors.InsufficientPrivilege:
+        tgt.execute("ROLLBACK TO SAVEPOINT dbguard_role")
 
 
 def copy_format(spec: MigrationSpec, table: Table) -> str:
