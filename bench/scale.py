@@ -180,6 +180,7 @@ def one_size(rows: int, tmp: Path) -> dict:
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Popen.wait would discard it)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    log.write(out)  # Airflow's task log goes to the child's stdout: keep it beside the stderr for diagnosis
     log.close()
     if proc.returncode != 0:
         writer.stop()
@@ -216,10 +217,12 @@ def main() -> None:
     env.airflow_defaults()
     env.ensure_metadata_db()
     tmp = Path(tempfile.mkdtemp(prefix="dbguard-scale-"))
-    try:
-        results = [one_size(n, tmp) for n in SIZES]
-    finally:
-        drop_databases(NAME)
+    results = [one_size(n, tmp) for n in SIZES]
+    if all(r["status"] == "cutover" and r["lost"] == 0 for r in results):
+        drop_databases(NAME)  # else keep the last size's databases (and the DAG logs in tmp) for diagnosis
+    else:
+        print(f"scale: a run did not end cutover with nothing lost; logs in {tmp}, databases {NAME} kept",
+              file=sys.stderr)
     small, big = results[0], results[-1]
     ratio = big["rows"] / small["rows"]
     print(json.dumps({"bench": "scale", "rows": big["rows"], "seconds_per_stage": big["seconds_per_stage"],

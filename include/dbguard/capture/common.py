@@ -160,4 +160,22 @@ def lock_retrying(conn: psycopg.Connection, budget_ms: int, fn: Callable[[], T])
             conn.rollback()
             if time.monotonic() >= deadline:
                 raise
+            _cancel_autovacuum(conn)
             time.sleep(random.uniform(0.005, 0.03))
+
+
+# PostgreSQL cancels an autovacuum that blocks a lock request once the request has waited deadlock_timeout;
+# steps shorter than that never trigger it, so right after a freshly loaded table's auto-ANALYZE a trigger
+# could not be created within any budget (seen by bench scale). Do what the server would: cancel (never
+# terminate) autovacuum workers of this database, except anti-wraparound ones; they run again later.
+_AUTOVACUUM_CANCEL = """SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity
+WHERE backend_type = 'autovacuum worker' AND datname = current_database()
+  AND query NOT LIKE '%to prevent wraparound%'"""
+
+
+def _cancel_autovacuum(conn: psycopg.Connection) -> None:
+    try:
+        conn.execute(_AUTOVACUUM_CANCEL)
+    except psycopg.Error:  # no privilege (superuser or pg_signal_autovacuum_worker): wait for it instead
+        pass
+    conn.rollback()
