@@ -72,9 +72,11 @@ bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
 
 # `dbguard embedded` starts the two embedded servers and prints
 # `export AIRFLOW_CONN_DBGUARD_SOURCE=...` lines for them.
+# The UI listens on localhost only; `make airflow HOST=0.0.0.0` exposes it (then use a real auth manager).
+HOST ?= 127.0.0.1
 airflow: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	conns="$$($(BIN)/dbguard embedded)"; eval "$$conns"; \
-	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	export PATH="$(CURDIR)/$(BIN):$$PATH" AIRFLOW__API__HOST="$(HOST)"; \
 	exec $(BIN)/airflow standalone
 
 # The embedded servers keep running between commands; stop each one (fast
