@@ -225,12 +225,16 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
         description=spec.description or f"dbguard migration {spec.name}",
         default_args={"owner": "dbguard"},
         params={
-            "dry_run": Param(False, type="boolean", description="preflight checks only; nothing is written"),
-            "batch_rows": Param(None, type=["null", "integer"], minimum=100,
-                                description=f"rows per key range (spec: {spec.backfill.batch_rows})"),
-            **({"skip_cutover": Param(False, type="boolean", description="copy and verify only; no flip"),
-                "approve": Param(None, type=["null", "boolean"],
-                                 description="approval up front (true) or refused (false); null: ask in the UI")}
+            "dry_run": Param(False, type="boolean", title="Dry run",
+                             description="Preflight checks only (contract, privileges, headroom); nothing is written"),
+            "batch_rows": Param(None, type=["null", "integer"], minimum=100, maximum=10_000_000, title="Rows per key range",
+                                description=f"Overrides backfill.batch_rows for this run (spec: {spec.backfill.batch_rows}); "
+                                            "each range is one mapped copy task"),
+            **({"skip_cutover": Param(False, type="boolean", title="Skip cutover",
+                                  description="Copy and verify only; the source stays the primary (no flip)"),
+                "approve": Param(None, type=["null", "boolean"], title="Approve the flip",
+                                 description="true: approved up front; false: refused; empty: ask in the UI "
+                                             "(Required Actions) before the flip")}
                if spec.run_cutover else {}),
         },
     )
@@ -253,8 +257,10 @@ def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
         doc_md=(f"# Roll back `{spec.name}`\n\nApplies the last captured changes, turns capture off, lifts the "
                 "schema freeze and marks the run `rolled_back`; with `drop_target` also drops the migrated "
                 "target tables. The source is never written by a migration, so it needs no undo."),
-        params={"run_id": Param(None, type=["null", "string"], description="default: the latest run"),
-                "drop_target": Param(False, type="boolean", description="drop the migrated target tables")},
+        params={"run_id": Param(None, type=["null", "string"], title="Run id",
+                                 description="The migration run to roll back; empty: the latest run"),
+                "drop_target": Param(False, type="boolean", title="Drop target tables",
+                                     description="Before a cutover only: also drop the migrated target tables")},
     ) as dag:
         RollbackOperator(task_id="rollback", spec_path=path)
     return dag
@@ -272,8 +278,10 @@ def build_finish_dag(spec_path: str | os.PathLike) -> DAG:
         doc_md=(f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
                 f"`rollback_ttl_minutes` ({spec.rollback_ttl_minutes:g}). Trigger this DAG when that time is up "
                 "(or sooner, when you are sure): reverse capture is removed and rollback is no longer offered."),
-        params={"run_id": Param(None, type=["null", "string"], description="default: the latest run"),
-                "force": Param(False, type="boolean", description="finish before rollback_ttl_minutes is up")},
+        params={"run_id": Param(None, type=["null", "string"], title="Run id",
+                                 description="The run whose dual-write tail ends; empty: the latest run"),
+                "force": Param(False, type="boolean", title="Force",
+                               description="Finish before rollback_ttl_minutes is up (rollback is then no longer offered)")},
     ) as dag:
         FinishOperator(task_id="finish", spec_path=path)
     return dag
