@@ -34,8 +34,15 @@ class Snapshot:
     tables: int = 0         # tables in the spec (a child table is planned after its parents' ranges)
 
     @property
+    def done(self) -> bool:
+        return bool(self.planned) and self.verified >= self.planned and self.tables_planned >= self.tables
+
+    @property
     def rate(self) -> float | None:
-        return self.rows / self.copy_seconds if self.copy_seconds > 0.5 and self.rows else None
+        # Mid-copy, under half a second says nothing; a finished backfill has its rate however short.
+        if not self.rows or self.copy_seconds <= 0 or (self.copy_seconds < 0.5 and not self.done):
+            return None
+        return self.rows / self.copy_seconds
 
     @property
     def eta_s(self) -> float | None:
@@ -153,9 +160,8 @@ class Progress:
             self.out.write("\r" + text + " " * pad)
             self._width = len(text)
         else:
-            done = snap.planned and snap.verified >= snap.planned and snap.tables_planned >= snap.tables
-            if snap.stage != self._printed_stage or (done and not self._backfill_done):
+            if snap.stage != self._printed_stage or (snap.done and not self._backfill_done):
                 self._printed_stage = snap.stage
-                self._backfill_done = self._backfill_done or bool(done)
+                self._backfill_done = self._backfill_done or snap.done
                 self.out.write(text + "\n")
         self.out.flush()
