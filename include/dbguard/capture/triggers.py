@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS dbguard.control (
     capture_snapshot text,
     capture_op_id    bigint,
     updated_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    write_target     text NOT NULL DEFAULT 'source' CHECK (write_target IN ('source', 'target')),
     PRIMARY KEY (migration, direction)
 );
 DO $$BEGIN
@@ -170,6 +171,21 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
 
             def install() -> tuple:
                 _allow_ddl(src)
+                # The control row first: applications read it FOR SHARE and then write the tables, so taking
+                # the tables' trigger locks first would wait for a writer that waits for us (lock order
+                # control -> tables, as the freeze and the rollback take them).
+                src.execute(
+                    """INSERT INTO dbguard.control AS c (migration, direction, run_id, dual_write, read_source,
+                                                         capture_snapshot, capture_op_id)
+                       VALUES (%(m)s, %(d)s, %(r)s, true, true, %(s)s, %(o)s)
+                       ON CONFLICT (migration, direction) DO UPDATE SET
+                         dual_write = true,
+                         capture_snapshot = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_snapshot IS NOT NULL
+                                                 THEN c.capture_snapshot ELSE EXCLUDED.capture_snapshot END,
+                         capture_op_id = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_op_id IS NOT NULL
+                                              THEN c.capture_op_id ELSE EXCLUDED.capture_op_id END,
+                         run_id = EXCLUDED.run_id, updated_at = clock_timestamp()""",
+                    {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
                 tfn = db.qname(SCHEMA, truncate_function_name(spec, direction))
                 src.execute(sql.SQL(
                     "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
@@ -189,18 +205,6 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                                         "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=rel, fn=tfn))
                     src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
                                 .format(rel=rel, trg=trg, ttrg=ttrg))
-                src.execute(
-                    """INSERT INTO dbguard.control AS c (migration, direction, run_id, dual_write, read_source,
-                                                         capture_snapshot, capture_op_id)
-                       VALUES (%(m)s, %(d)s, %(r)s, true, true, %(s)s, %(o)s)
-                       ON CONFLICT (migration, direction) DO UPDATE SET
-                         dual_write = true,
-                         capture_snapshot = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_snapshot IS NOT NULL
-                                                 THEN c.capture_snapshot ELSE EXCLUDED.capture_snapshot END,
-                         capture_op_id = CASE WHEN c.run_id = EXCLUDED.run_id AND c.capture_op_id IS NOT NULL
-                                              THEN c.capture_op_id ELSE EXCLUDED.capture_op_id END,
-                         run_id = EXCLUDED.run_id, updated_at = clock_timestamp()""",
-                    {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
                 return src.execute("SELECT capture_snapshot, capture_op_id FROM dbguard.control "
                                    "WHERE migration = %s AND direction = %s", (spec.name, direction)).fetchone()
 
