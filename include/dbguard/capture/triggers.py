@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS dbguard.control (
     capture_snapshot text,
     capture_op_id    bigint,
     updated_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    write_target     text NOT NULL DEFAULT 'source' CHECK (write_target IN ('source', 'target')),
     PRIMARY KEY (migration, direction)
 );
 DO $$BEGIN
