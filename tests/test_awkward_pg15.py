@@ -261,3 +261,39 @@ def _run_id(spec) -> str:
     with db.target(spec) as t:
         return t.execute("SELECT run_id FROM dbguard.runs WHERE migration = %s ORDER BY started_at DESC LIMIT 1",
                          (spec.name,)).fetchone()[0]
+
+
+def test_a_type_from_an_extension_the_target_lacks_is_refused_before_anything_is_written(
+        pg15_server, servers, tmp_path):  # noqa: F811
+    """citext and hstore exist on the PostgreSQL 15 source, not on the embedded target: `dbguard plan` names
+    each column, its extension and the fixes, with exit 2; the target stays empty. A target_type fixes it."""
+    name = "ext15_" + uuid.uuid4().hex[:8]
+    src, tgt = _create_db(pg15_server, name), _create_db(servers["target"], name)
+    env = {**os.environ, "AIRFLOW_CONN_DBGUARD_SOURCE": src, "AIRFLOW_CONN_DBGUARD_TARGET": tgt}
+    try:
+        with psycopg.connect(src, autocommit=True) as c:
+            c.execute("CREATE EXTENSION citext; CREATE EXTENSION hstore; CREATE DOMAIN email AS citext; "
+                      "CREATE TABLE public.t (id int PRIMARY KEY, e email, h hstore[], note text)")
+            c.execute("INSERT INTO public.t VALUES (1, 'AbC', ARRAY['a=>1']::hstore[], 'x')")
+        init = subprocess.run([str(DBGUARD), "init", "ext", "--source", "dbguard_source", "--target",
+                               "dbguard_target", "--schema", "public"], capture_output=True, text=True, env=env)
+        assert init.returncode == 0, init.stderr
+        path = tmp_path / "ext.yaml"
+        path.write_text(init.stdout)
+        plan = subprocess.run([str(DBGUARD), "plan", str(path)], capture_output=True, text=True, env=env)
+        assert plan.returncode == 2, plan.stdout + plan.stderr
+        assert "tables[t].columns[e]" in plan.stderr and "'citext'" in plan.stderr, plan.stderr
+        assert "tables[t].columns[h]" in plan.stderr and "'hstore'" in plan.stderr, plan.stderr
+        assert "target_type" in plan.stderr and "CREATE EXTENSION" in plan.stderr
+        with psycopg.connect(tgt) as c:
+            assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'dbguard'").fetchone()[0] == 0
+        raw = yaml.safe_load(init.stdout)
+        for col in raw["tables"][0]["columns"]:
+            if col["name"] in ("e", "h"):
+                col["target_type"] = "text" if col["name"] == "e" else "text[]"
+        path.write_text(yaml.safe_dump(raw))
+        plan = subprocess.run([str(DBGUARD), "plan", str(path)], capture_output=True, text=True, env=env)
+        assert plan.returncode == 0, plan.stderr
+    finally:
+        _drop_db(pg15_server, name)
+        _drop_db(servers["target"], name)

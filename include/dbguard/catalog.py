@@ -203,6 +203,26 @@ FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %s
 """
 
 
+_TYPE_EXTENSIONS = """
+WITH RECURSIVE t(root, oid) AS (
+    SELECT r, r FROM unnest(%s::oid[]) r
+    UNION
+    SELECT t.root, v.x FROM t JOIN pg_type p ON p.oid = t.oid
+    CROSS JOIN LATERAL (VALUES (p.typelem), (p.typbasetype)) v(x) WHERE v.x <> 0)
+SELECT DISTINCT t.root, e.extname FROM t
+JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'
+JOIN pg_extension e ON e.oid = d.refobjid
+"""
+
+
+def type_extensions(conn: psycopg.Connection, oids: list[int]) -> dict[int, set[str]]:
+    """type oid -> the extensions its type comes from (citext, hstore, vector; through arrays and domains)."""
+    out: dict[int, set[str]] = {}
+    for root, ext in conn.execute(_TYPE_EXTENSIONS, (list(oids),)):
+        out.setdefault(root, set()).add(ext)
+    return out
+
+
 def user_types(conn: psycopg.Connection, oids: list[int]) -> list[dict]:
     """User-defined enums, domains and composite types reachable from `oids` (through arrays, domain
     base types and composite attributes), each after the types it depends on. Extension types

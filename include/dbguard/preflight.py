@@ -217,12 +217,35 @@ def _needs_pgvector(spec: MigrationSpec) -> bool:
     return any(c.tgt_type.startswith(("vector", "halfvec", "sparsevec")) for t in spec.tables for c in t.columns)
 
 
-def _target_extensions(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
-    if _needs_pgvector(spec) and not conn.execute(
-            "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
-        return ["target: a vector column needs the pgvector extension, which this server does not have; "
-                "install pgvector on the target server (CREATE EXTENSION vector must work)"]
-    return []
+def source_extensions(src: psycopg.Connection, spec: MigrationSpec) -> dict[str, list[str]]:
+    """extension -> the columns (`tables[t].columns[c]`) whose source type comes from it and that keep that
+    type on the target (no `target_type`): the target needs the same extension."""
+    out: dict[str, list[str]] = {}
+    for t in spec.tables:
+        info = catalog.describe(src, t.schema_, t.name)
+        if info is None:
+            continue
+        kept = {c.name for c in t.columns if c.target_type is None}
+        cols = [c for c in info.columns if c.name in kept]
+        exts = catalog.type_extensions(src, [c.type_oid for c in cols])
+        for c in cols:
+            for ext in sorted(exts.get(c.type_oid, ())):
+                out.setdefault(ext, []).append(f"tables[{t.name}].columns[{c.name}]")
+    return out
+
+
+def _target_extensions(conn: psycopg.Connection, spec: MigrationSpec, needed: dict[str, list[str]]) -> list[str]:
+    have = {r[0] for r in conn.execute("SELECT name FROM pg_available_extensions")}
+    problems = []
+    if _needs_pgvector(spec) and "vector" not in have:
+        problems.append("target: a vector column needs the pgvector extension, which this server does not have; "
+                        "install pgvector on the target server (CREATE EXTENSION vector must work)")
+    for ext, cols in sorted(needed.items()):
+        if ext not in have and not (ext == "vector" and problems):
+            problems.append(f"{', '.join(cols)}: the column's type comes from the source's extension {ext!r}, which "
+                            f"the target server does not offer; install it there (CREATE EXTENSION {ext} must work), "
+                            "or give the column a target_type the target has (e.g. text), or exclude_columns it")
+    return problems
 
 
 def _target_tables(conn: psycopg.Connection, spec: MigrationSpec) -> list[str]:
@@ -254,6 +277,7 @@ def validate(spec: MigrationSpec) -> dict:
         problems += _headroom(src, "source", 2 * conc + 2)
         if not problems:  # vector scan needs the contract to hold
             problems += retrieval.scan_vectors(spec, src)
+        extensions = source_extensions(src, spec)
         source_version = src.info.server_version
     problems += _target_database(spec)
     try:
@@ -261,7 +285,7 @@ def validate(spec: MigrationSpec) -> dict:
             problems += _target_privileges(tgt, spec)
             problems += _target_tables(tgt, spec)
             problems += _headroom(tgt, "target", conc + 2)
-            problems += _target_extensions(tgt, spec)
+            problems += _target_extensions(tgt, spec, extensions)
             problems += retrieval.check_target(spec, tgt)
             target_version = tgt.info.server_version
     except ConnectionFailed:
@@ -376,12 +400,12 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
     """The writes, after validate() passed: target database/tables, freeze, ledger run."""
     created_db = _create_database(spec)
     with db.target(spec) as tgt:
-        if _needs_pgvector(spec):
-            tgt.execute("CREATE EXTENSION IF NOT EXISTS vector")
         for schema in sorted({t.target_schema for t in spec.tables}):
             tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        # the source's schema (types, defaults, identity/serial, CHECK/UNIQUE): see target_schema
+        # the source's schema (extensions, types, defaults, identity/serial, CHECK/UNIQUE): see target_schema
         with db.source(spec) as src:
+            for ext in sorted(set(source_extensions(src, spec)) | ({"vector"} if _needs_pgvector(spec) else set())):
+                tgt.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
             target_schema.create_types(spec, src, tgt)
             infos = target_schema._infos(spec, src)
         for t in spec.tables:
