@@ -246,45 +246,48 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
     return dag
 
 
-def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
-    """`dbguard_<name>_rollback`: one click in the UI aborts a run and lifts every hold on the source."""
+def _one_task_dag(spec_path: str | os.PathLike, suffix: str, operator, description: str, doc_md, params) -> DAG:
+    """A one-task DAG `dbguard_<name>_<suffix>` beside the migration's own (rollback, finish)."""
     path = str(Path(spec_path).resolve())
     spec = env.spec_at(path)
     with DAG(
-        dag_id=f"{spec.dag_id}_rollback", schedule=None, start_date=START_DATE, catchup=False,
-        tags=["dbguard", "rollback", *spec.tags], default_args={"owner": "dbguard"},
-        description=f"roll back dbguard migration {spec.name}",
-        doc_md=(f"# Roll back `{spec.name}`\n\nApplies the last captured changes, turns capture off, lifts the "
-                "schema freeze and marks the run `rolled_back`; with `drop_target` also drops the migrated "
-                "target tables. The source is never written by a migration, so it needs no undo."),
-        params={"run_id": Param(None, type=["null", "string"], title="Run id",
-                                 description="The migration run to roll back; empty: the latest run"),
-                "drop_target": Param(False, type="boolean", title="Drop target tables",
-                                     description="Before a cutover only: also drop the migrated target tables")},
+        dag_id=f"{spec.dag_id}_{suffix}", schedule=None, start_date=START_DATE, catchup=False,
+        tags=["dbguard", suffix, *spec.tags], default_args={"owner": "dbguard"},
+        description=f"{description} dbguard migration {spec.name}", doc_md=doc_md(spec), params=params,
     ) as dag:
-        RollbackOperator(task_id="rollback", spec_path=path)
+        operator(task_id=suffix, spec_path=path)
     return dag
+
+
+def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
+    """`dbguard_<name>_rollback`: one click in the UI aborts a run, or flips a cut-over run back."""
+    return _one_task_dag(
+        spec_path, "rollback", RollbackOperator, "roll back",
+        lambda spec: (f"# Roll back `{spec.name}`\n\nBefore a cutover: applies the last captured changes, turns "
+                      "capture off, lifts the schema freeze and marks the run `rolled_back`; with `drop_target` also "
+                      "drops the migrated target tables (the source was never written but for dbguard's own "
+                      "bookkeeping). After a cutover: freezes the target, drains the reverse ledger to zero, verifies "
+                      "both sides, sets the source's sequences past the target's, flips the pointer back and removes "
+                      "reverse capture; each step is checkpointed, so an interrupted rollback resumes."),
+        {"run_id": Param(None, type=["null", "string"], title="Run id",
+                         description="The migration run to roll back; empty: the latest run"),
+         "drop_target": Param(False, type="boolean", title="Drop target tables",
+                              description="Before a cutover only: also drop the migrated target tables")})
 
 
 def build_finish_dag(spec_path: str | os.PathLike) -> DAG:
     """`dbguard_<name>_finish`: ends the dual-write tail of a cut-over run (trigger it after
     rollback_ttl_minutes): reverse capture off, rollback no longer offered."""
-    path = str(Path(spec_path).resolve())
-    spec = env.spec_at(path)
-    with DAG(
-        dag_id=f"{spec.dag_id}_finish", schedule=None, start_date=START_DATE, catchup=False,
-        tags=["dbguard", "finish", *spec.tags], default_args={"owner": "dbguard"},
-        description=f"end the dual-write tail of dbguard migration {spec.name}",
-        doc_md=(f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
-                f"`rollback_ttl_minutes` ({spec.rollback_ttl_minutes:g}). Trigger this DAG when that time is up "
-                "(or sooner, when you are sure): reverse capture is removed and rollback is no longer offered."),
-        params={"run_id": Param(None, type=["null", "string"], title="Run id",
-                                 description="The run whose dual-write tail ends; empty: the latest run"),
-                "force": Param(False, type="boolean", title="Force",
-                               description="Finish before rollback_ttl_minutes is up (rollback is then no longer offered)")},
-    ) as dag:
-        FinishOperator(task_id="finish", spec_path=path)
-    return dag
+    return _one_task_dag(
+        spec_path, "finish", FinishOperator, "end the dual-write tail of",
+        lambda spec: (f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
+                      f"`rollback_ttl_minutes` ({spec.rollback_ttl_minutes:g}). Trigger this DAG when that time is "
+                      "up (or sooner, when you are sure): reverse capture is removed and rollback is no longer "
+                      "offered."),
+        {"run_id": Param(None, type=["null", "string"], title="Run id",
+                         description="The run whose dual-write tail ends; empty: the latest run"),
+         "force": Param(False, type="boolean", title="Force",
+                        description="Finish before rollback_ttl_minutes is up (rollback is then no longer offered)")})
 
 
 class BrokenSpecs(DAG):
