@@ -59,3 +59,36 @@ def test_capture_on_takes_the_control_row_before_the_tables(dbpair):
     finally:
         app_ptr.close()
         app.close()
+
+
+def test_drain_after_the_cursor_is_reset_replays_instead_of_failing(dbpair):
+    """The applier's cursor set back to an earlier state (a restore of that row, an operator replaying): the
+    next drain applies those batches again (idempotent full images, in order). It used to number its batch
+    from the cursor's count, collide with the batches already recorded (apply_batches_pkey) and fail on every
+    drain from then on (found by faults batch_applied_twice)."""
+    from util import fingerprint
+
+    load_shop(dbpair.src_dsn, customers=50, orders=200)
+    spec = load_spec(ROOT / "include/migrations/demo_shop.yaml")
+    stages.preflight(spec, "r")
+    stages.capture_on(spec, "r")
+    for t in spec.table_order():
+        for r in stages.plan_ranges(spec, "r", t.name):
+            stages.copy_range(spec, "r", r)
+    capture.drain(spec, "r")
+    cols = "window_no, prev_snapshot, cur_snapshot, op_cursor, high_water, applied, batches"
+    with dbpair.tgt() as t:
+        saved = t.execute(f"SELECT {cols} FROM dbguard.apply_cursor WHERE run_id = 'r'").fetchone()
+    with dbpair.src(autocommit=True) as app:
+        for i in range(35):
+            app.execute("UPDATE shop.orders SET amount = %s WHERE id = (SELECT id FROM shop.orders ORDER BY id "
+                        "OFFSET %s LIMIT 1)",
+                        (i + 1, i % 7))
+    assert capture.drain(spec, "r", batch_ops=10)["batches"] >= 3
+    with dbpair.tgt() as t:
+        t.execute(f"UPDATE dbguard.apply_cursor SET ({cols}) = (%s, %s, %s, %s, %s, %s, %s) WHERE run_id = 'r'", saved)
+    again = capture.drain(spec, "r", batch_ops=10)
+    assert again["applied"] == 35 and again["dual_write_fail"] == 0
+    with dbpair.src() as a, dbpair.tgt() as b:
+        for rel in ("shop.customers", "shop.orders"):
+            assert fingerprint(a, rel) == fingerprint(b, rel), rel

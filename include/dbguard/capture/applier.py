@@ -361,8 +361,13 @@ def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_b
                 tgt.execute(
                     """INSERT INTO dbguard.apply_batches (migration, direction, run_id, batch_no, window_no, first_op,
                                                           last_op, ops, failed, source_rev, target_rev, seconds)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                    (spec.name, direction, run_id, cur["batches"], cur["window_no"], ops[0][0], last, len(ops),
+                       VALUES (%s, %s, %s, (SELECT coalesce(max(b.batch_no), 0) + 1 FROM dbguard.apply_batches b
+                                            WHERE b.migration = %s AND b.direction = %s AND b.run_id = %s),
+                               %s, %s, %s, %s, %s, %s, %s, %s)""",
+                    # the next free number, not the cursor's count: a cursor reset to an earlier state (a replay)
+                    # would otherwise collide with the batches it re-applies and stop the applier for good
+                    (spec.name, direction, run_id, spec.name, direction, run_id, cur["window_no"], ops[0][0], last,
+                     len(ops),
                      len(failures), ops[-1][6], target_rev, time.monotonic() - tb))
                 for f in failures:
                     tgt.execute(
