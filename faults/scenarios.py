@@ -592,5 +592,62 @@ def rollback_interrupted(size: dict) -> dict[str, Any]:
             "rows_only_on_source_after_flip_back": len(back)}
 
 
+# ---- 8. dag_cleared_rerun --------------------------------------------------------------------------------
+
+def dag_cleared_rerun(size: dict) -> dict[str, Any]:
+    """A real DAG run (dag.test() of dbguard_demo_shop from dags/) under a live writer; then the DAG run again
+    from the middle onto the same, already filled target: same logical date, preflight marked success
+    (mark_success_pattern), capture_on, every copy range, the drain, reconcile, the gate and release run again.
+    (dag.test() gives the re-run a new run_id: it names runs by run_after.) The writer is an application on
+    dbguard's switch: it writes while dual_write is on, so it pauses at each release. Exact result expected."""
+    import datetime as dt
+    import tempfile
+
+    from dbguard.airflow import env as afenv
+
+    afenv.airflow_defaults()
+    afenv.ensure_metadata_db()
+    from airflow.dag_processing.dagbag import DagBag
+
+    spec = shop_spec()
+    with tempfile.TemporaryDirectory(prefix="dbguard-fault-reports-") as reports, \
+            shop_under_writer("dag", size, spec, gate="dual_write") as (dsns, w):
+        old = os.environ.get("DBGUARD_REPORT_DIR")
+        os.environ["DBGUARD_REPORT_DIR"] = reports
+        try:
+            dag = DagBag(str(afenv.DAGS_FOLDER)).dags["dbguard_demo_shop"]
+            when = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            conf = {"batch_rows": size["batch_rows"]}
+            first = dag.test(logical_date=when, run_conf=conf)
+            r1 = afenv.run_result(first) or {}
+            mid = compare(spec, dsns["source"], dsns["target"])  # the writer paused at release: equal now
+            writes_before = w.ops
+            again = dag.test(logical_date=when, run_conf=conf, mark_success_pattern=r"preflight")
+            r2 = afenv.run_result(again) or {}
+        finally:
+            if old is None:
+                os.environ.pop("DBGUARD_REPORT_DIR", None)
+            else:
+                os.environ["DBGUARD_REPORT_DIR"] = old
+        writes_during_rerun = w.ops - writes_before
+        ws = w.stop()
+        cmp = compare(spec, dsns["source"], dsns["target"])
+        wr = w.check(dsns["target"])
+        with psycopg.connect(dsns["target"]) as t:
+            attempts = t.execute("SELECT min(attempts), max(attempts), count(*) FROM dbguard.ranges WHERE run_id = %s "
+                                 "AND status <> 'planned'", (again.run_id,)).fetchone()
+        lost, dup = lost_duplicated(cmp, wr)
+    injected = mid["rows"] > 0 and writes_during_rerun > 0  # onto a filled target, under writes
+    recovered = bool(first.state == "success" and again.state == "success" and r2.get("checksum_ok") is True
+                     and r2.get("dual_write_fail") == 0 and attempts[2] > 0)
+    return {"recovered": recovered, "lost": lost, "duplicated": dup, "outcome": "rerun_from_the_middle",
+            "injected": injected, "run_ids": [first.run_id, again.run_id], "first_run": {"state": str(first.state),
+            "status": r1.get("status"), "checksum_ok": r1.get("checksum_ok")},
+            "after_first_run": _short(mid), "rerun": {"state": str(again.state), "status": r2.get("status"),
+            "checksum_ok": r2.get("checksum_ok"), "dual_write_fail": r2.get("dual_write_fail")},
+            "range_attempts": {"min": attempts[0], "max": attempts[1], "ranges": attempts[2]},
+            "writer_ops_during_rerun": writes_during_rerun, "compare": _short(cmp), "writer": {**ws, **wr}}
+
+
 ORDER = ["range_sigkill", "target_restart", "applier_terminated_drain", "applier_terminated_cutover",
-         "freeze_lock_timeout", "batch_applied_twice", "target_rejects_change", "rollback_interrupted"]
+         "freeze_lock_timeout", "batch_applied_twice", "target_rejects_change", "dag_cleared_rerun", "rollback_interrupted"]
