@@ -92,3 +92,27 @@ def test_drain_after_the_cursor_is_reset_replays_instead_of_failing(dbpair):
     with dbpair.src() as a, dbpair.tgt() as b:
         for rel in ("shop.customers", "shop.orders"):
             assert fingerprint(a, rel) == fingerprint(b, rel), rel
+
+
+# The scenarios themselves (faults/scenarios.py), small data. dag_cleared_rerun (a real DAG run twice, ~55 s)
+# is left to `make faults`: tests/test_dual_writes_dag.py already runs the DAG under a writer.
+CI_SCENARIOS = ["range_sigkill", "target_restart", "applier_terminated_drain", "applier_terminated_cutover",
+                "freeze_lock_timeout", "batch_applied_twice", "target_rejects_change", "rollback_interrupted"]
+
+
+@pytest.mark.parametrize("name", CI_SCENARIOS)
+def test_fault_scenario_recovers_without_loss(servers, name, monkeypatch):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from faults.__main__ import run_one
+    from faults import scenarios
+    from faults.common import SIZES
+
+    monkeypatch.setenv("DBGUARD_FAULTS_QUIET", "1")
+    line = run_one(name, getattr(scenarios, name), SIZES["small"])
+    print(json.dumps(line, default=str))
+    assert line["outcome"] != "scenario_error", line
+    assert line["injected"] is True, line  # the fault really happened
+    assert line["recovered"] and line["lost"] == 0 and line["duplicated"] == 0, line
