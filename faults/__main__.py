@@ -60,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     from dbguard.airflow import env as afenv
 
     afenv.airflow_defaults()  # before Airflow's first import (dag_cleared_rerun runs a real DAG)
+    # stdout carries only the JSON lines: whatever else writes to fd 1 (Airflow's task logs) goes to stderr
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     failed = 0
     for name in args.names:
         line = run_one(name, table[name], SIZES[args.size])
-        print(json.dumps(line, default=str), flush=True)
+        print(json.dumps(line, default=str), file=out, flush=True)
         failed += not ok(line)
     return 1 if failed else 0
 
