@@ -67,13 +67,16 @@ def row_hash(table: Table, side: str, h: Hashing = Hashing()) -> sql.Composable:
     return sql.SQL("hashtextextended(hash_record_extended(ROW({}), 0)::text, 0)").format(cols)
 
 
-def checksum_query(table: Table, side: str, r: KeyRange | None = None, h: Hashing = Hashing()) -> sql.Composed:
-    where = predicate(table, r) if r is not None else sql.SQL("true")
+def checksum_query(table: Table, side: str, r: KeyRange | None = None, h: Hashing = Hashing(),
+                   where: sql.Composable | None = None) -> sql.Composed:
+    """count + sum of row hashes over the range `r` (None: the whole table), or over the rows `where` selects."""
+    if where is None:
+        where = predicate(table, r) if r is not None else sql.SQL("true")
     return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} WHERE {w}").format(
         h=row_hash(table, side, h), t=relation(table, side), w=where)
 
 
 def checksum(conn: psycopg.Connection, table: Table, side: str, r: KeyRange | None = None,
-             h: Hashing = Hashing()) -> Checksum:
-    count, total = conn.execute(checksum_query(table, side, r, h)).fetchone()
+             h: Hashing = Hashing(), where: sql.Composable | None = None) -> Checksum:
+    count, total = conn.execute(checksum_query(table, side, r, h, where)).fetchone()
     return Checksum(int(count), int(total))

@@ -103,7 +103,7 @@ def locate(sides: Sides, table: Table, r: KeyRange, src_ck: Checksum, tgt_ck: Ch
     return diff
 
 
-def _keys_filter(table: Table, keys: list[tuple[str, ...]]) -> sql.Composable:
+def keys_filter(table: Table, keys: list[tuple[str, ...]]) -> sql.Composable:
     """`(k1, k2) IN (SELECT * FROM unnest($1::t1[], $2::t2[]))` with the keys as literals."""
     cols = sql.SQL(", ").join(sql.Identifier(k) for k in table.key)
     arrays = sql.SQL(", ").join(
@@ -122,8 +122,8 @@ def repair(spec: MigrationSpec, table: Table, diff: RowDiff, batch: int = 5_000)
         for i in range(0, len(keys), batch):
             part = keys[i:i + batch]
             tgt.execute(sql.SQL("DELETE FROM {} WHERE {}").format(relation(table, "target"),
-                                                                    _keys_filter(table, part)))
-            copied += stream_rows(src, tgt, table, _keys_filter(table, part), copy_format(spec, table),
+                                                                    keys_filter(table, part)))
+            copied += stream_rows(src, tgt, table, keys_filter(table, part), copy_format(spec, table),
                                   Throttle(None))
         tgt.commit()
         src.rollback()

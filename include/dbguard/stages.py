@@ -14,6 +14,7 @@ import psycopg
 
 from . import capture, catalog, db, ledger, preflight as pf, report, retrieval, target_schema
 from .backfill import copy_range as _copy_range
+from .cutover import watermark
 from .ranges import KeyRange, plan
 from .reconcile import reconcile_table
 from .errors import DbguardError, PreflightError
@@ -134,12 +135,14 @@ def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """With dual writes on: freeze source writes briefly, drain to zero lag, reconcile whole tables.
     Under a live writer only this comparison is exact; it overrides the earlier reconcile verdict."""
-    with capture.quiesced(spec, run_id) as (_, info):
+    with capture.quiesced(spec, run_id) as (src, info):
+        armed_at = watermark.arm(spec, spec.capture.ddl_lock_timeout_ms)
         out = _reconcile_all(spec, run_id, "final_verify")
         # what the applier had applied when this verdict was taken: release verifies anything applied after it
         with db.target(spec) as tgt:
             ledger.set_metric(tgt, run_id, spec.name, "applied_at_gate",
                               capture.cursor(spec, run_id).get("applied", 0))
+        out["watermark"] = watermark.mark(src, spec, run_id, out, armed_at)
     _event(spec, run_id, "write_freeze", {"stage": "final_verify", **info})
     return {**out, **info}
 
@@ -198,15 +201,24 @@ def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
 
 
-def _verify_tail(spec: MigrationSpec, run_id: str, out: dict, problems: list[str]) -> None:
-    """Under release's freeze: when the checksum gate passed and the applier applied ops since, compare whole
-    tables again (count + checksum; metrics release_verify and checksum_ok)."""
+def _verify_tail(spec: MigrationSpec, run_id: str, src, out: dict, problems: list[str]) -> None:
+    """Under release's freeze (`src` holds it): when the checksum gate passed and the applier applied ops since,
+    verify again: the rows changed since the gate's watermark when it holds, else whole tables (count +
+    checksum; metrics release_verify and checksum_ok)."""
     with db.target(spec) as tgt:
         m = ledger.metrics(tgt, run_id)
     applied = capture.cursor(spec, run_id).get("applied", 0)
     if m.get("checksum_ok") is not True or m.get("applied_at_gate") is None or applied == m["applied_at_gate"]:
         return
-    v = _reconcile_all(spec, run_id, "release_verify")
+    changed = watermark.verify(spec, run_id, src)
+    if changed is not None and all(r["equal"] for r in changed.values()):
+        out["release_verify"] = {"checksum_ok": True, "mode": "changed", "applied_after_gate":
+                                 applied - m["applied_at_gate"], "tables": changed}
+        with db.target(spec) as tgt:
+            ledger.set_metric(tgt, run_id, spec.name, "release_verify", out["release_verify"], commit=False)
+            ledger.event(tgt, run_id, spec.name, "release_verify", {"checksum_ok": True, "mode": "changed"})
+        return
+    v = _reconcile_all(spec, run_id, "release_verify")  # whole tables (and the repair of what differs)
     out["release_verify"] = {"checksum_ok": v["checksum_ok"], "applied_after_gate": applied - m["applied_at_gate"],
                              "tables": {n: {"equal": r["equal"], "repaired_rows": r.get("repaired_rows")}
                                         for n, r in v["tables"].items()}}
@@ -232,7 +244,7 @@ def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[st
             try:
                 with capture.quiesced(spec, run_id) as (src, info):
                     if verify and not info.get("dual_write_fail"):
-                        _verify_tail(spec, run_id, out, problems)
+                        _verify_tail(spec, run_id, src, out, problems)
                     out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
             except capture.CaptureError as e:
                 if verify:
@@ -246,6 +258,8 @@ def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[st
                 problems.insert(0, _dual_write_failures(spec, run_id))
     finally:
         out["unfrozen"] = pf.release_freeze(spec)
+        with contextlib.suppress(DbguardError, psycopg.Error):
+            watermark.disarm(spec)
     if problems:
         msg = "release: " + "\n  - ".join(problems)
         record_gate_failure(spec, run_id, "release", msg)

@@ -32,7 +32,7 @@ from ..capture.common import lock_retrying
 from ..checksum import Checksum
 from ..errors import DbguardError
 from ..spec import MigrationSpec
-from . import fence, pointer, sequences, state as st
+from . import fence, pointer, sequences, state as st, watermark
 
 CUTOVER_STEPS = ("prepare", "freeze", "verify", "sequences", "reverse_capture", "fence", "pointer", "unfreeze",
                  "forward_capture_off")
@@ -132,7 +132,7 @@ def check_ready(spec: MigrationSpec, run_id: str) -> list[str]:
 
 # ---- cutover --------------------------------------------------------------------------------------
 
-def _verify(spec: MigrationSpec) -> dict[str, Any]:
+def _verify_full(spec: MigrationSpec) -> dict[str, Any]:
     """Count + checksum of every table on both sides (both at once); any mismatch raises. No repair: under
     the freeze nothing may change, and after a drained ledger a difference is a real defect."""
     from ..reconcile import Sides
@@ -150,6 +150,20 @@ def _verify(spec: MigrationSpec) -> dict[str, Any]:
     if bad:
         raise CutoverError("count + checksum differ under the freeze: " + "; ".join(bad))
     return out
+
+
+def _verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> tuple[str, dict[str, Any]]:
+    """The cutover's verify under the freeze (`src` holds it): ("changed", ...) when the checksum gate's
+    watermark holds — whole-table counts plus count + checksum of the rows changed since the gate (watermark.py
+    says why that is exact) — else ("full", _verify_full). Any mismatch raises."""
+    changed = watermark.verify(spec, run_id, src)
+    if changed is None:
+        return "full", _verify_full(spec)
+    bad = [f"{n}: source {r['count']} rows, target {r['target_count']}; rows changed since the gate: source "
+           f"{r['source']} != target {r['target']}" for n, r in changed.items() if not r["equal"]]
+    if bad:
+        raise CutoverError("count + checksum differ under the freeze: " + "; ".join(bad))
+    return "changed", changed
 
 
 def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> dict[str, Any]:
@@ -183,7 +197,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
             if info.get("dual_write_fail"):
                 raise CutoverError(f"dual_write_fail = {info['dual_write_fail']} after the final drain")
             with steps.step("verify"):
-                out["verify"] = _verify(spec)
+                out["verify_mode"], out["verify"] = _verify(spec, run_id, src)
             with steps.step("sequences"), db.target(spec) as tgt:
                 out["sequences"] = sequences.sync(src, tgt, spec, "source")
                 tgt.commit()
@@ -218,10 +232,12 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         with steps.step("forward_capture_off"):
             if fail_at != "forward_capture_off":
                 capture.capture_off(spec, run_id, direction="forward")
+                watermark.disarm(spec)  # the target is the primary now: its writes are the application's
     except CutoverError as e:
         out["forward_capture_off_error"] = str(e) + " (finish retries it; the fence keeps it inert)"
     out.update(cutover_ms=cutover_ms, steps=steps.done, primary="target")
-    steps.record({"cutover_ms": cutover_ms, "writes_after_cutover": {"target": 0, "source": 0}})
+    steps.record({"cutover_ms": cutover_ms, "writes_after_cutover": {"target": 0, "source": 0},
+                  "cutover_verify": {"mode": out["verify_mode"], "tables": out["verify"]}})
     return out
 
 
@@ -299,7 +315,7 @@ def rollback(spec: MigrationSpec, run_id: str, *, drop_target: bool = False,
                 if info.get("dual_write_fail"):
                     raise CutoverError(f"reverse dual_write_fail = {info['dual_write_fail']} after the final drain")
                 with steps.step("verify"):
-                    out["verify"] = _verify(spec)
+                    out["verify"] = _verify_full(spec)
                 with steps.step("sequences"):
                     out["sequences"] = sequences.sync(tgt, ptr, spec, "target")
                 with steps.step("fence_target"):
@@ -391,8 +407,9 @@ def finish(spec: MigrationSpec, run_id: str, *, force: bool = False) -> dict[str
     spec = _resolve(spec)
     capture.drain(spec, run_id, direction="reverse")
     off = capture.capture_off(spec, run_id, direction="reverse")
-    with contextlib.suppress(Exception):
-        capture.capture_off(spec, run_id, direction="forward")  # normally gone since the cutover
+    with contextlib.suppress(Exception):  # both normally gone since the cutover
+        capture.capture_off(spec, run_id, direction="forward")
+        watermark.disarm(spec)
     with db.source(spec) as src:
         st.write(src, spec, run_id, phase="finished", stamp="finished_at")
         src.commit()

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from .. import db, stages
+from ..errors import DbguardError
 from ..spec import MigrationSpec
 
 
@@ -122,7 +123,7 @@ def differing_rows(spec: MigrationSpec) -> list[tuple[str, tuple]]:
 
 
 def migrate(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """The library stages of a run up to the flip (what the DAG's tasks call, in order)."""
+    """The library stages of a run up to the flip (what the DAG's tasks call, in order, through the gate)."""
     stages.preflight(spec, run_id)
     stages.capture_on(spec, run_id)
     for t in spec.table_order():
@@ -130,6 +131,9 @@ def migrate(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
             stages.copy_range(spec, run_id, r)
     rec = stages.reconcile(spec, run_id)
     stages.finish_schema(spec, run_id)
+    passed, message = stages.checksum_gate(spec, run_id)  # under its freeze; sets the verified watermark
+    if not passed:
+        raise DbguardError(message)
     return rec
 
 

@@ -1,0 +1,180 @@
+"""What the checksum gate proved, so that a later write freeze verifies only what changed since.
+
+The gate compares whole tables under a write freeze with the change ledger drained to zero. Every change made
+after that gets a larger op_id: the freeze's table locks waited for every transaction that had written a
+migrated table (and so taken an op_id). Before the gate verifies, `arm()` puts a statement trigger on the
+target tables that notes every write not made by dbguard's applier (a person, a cleared and re-run copy or
+repair) by moving a counter, read while arm() holds the tables against writers: whatever the verify cannot see
+moves it.
+When the verify found the tables equal with nothing noted, `mark()` records the ledger's highest op_id: the
+watermark.
+
+At a later freeze (cutover, release), with the ledger drained again, `verify()` compares whole-table row
+counts plus the count + checksum of every key the ledger changed after the watermark (old and new keys of key
+changes). When only the applier wrote the target and nothing bypassed capture on the source (DDL is refused by
+the schema freeze, TRUNCATE by capture's trigger), those are the only rows that can differ, so the freeze no
+longer grows with the table. `verify()` returns None — verify whole tables — when the run has no watermark, a
+foreign write was noted, the schema freeze is off, or more than `MAX_KEYS` keys changed.
+
+Undo: `disarm()` drops the triggers (release, after the flip); the counter stays.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .. import db, ledger
+from ..capture.common import _name
+from ..checksum import Checksum, checksum, relation
+from ..spec import MigrationSpec
+
+MAX_KEYS = 200_000  # beyond this many changed keys the whole-table verify is as cheap
+BATCH = 10_000
+METRIC = "verified_watermark"
+
+FUNCTION = """
+CREATE SCHEMA IF NOT EXISTS dbguard;
+CREATE SEQUENCE IF NOT EXISTS dbguard.foreign_writes;
+CREATE OR REPLACE FUNCTION dbguard.dbguard_note_write() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog AS $f$
+BEGIN
+  IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF;
+  PERFORM nextval('dbguard.foreign_writes');  -- a sequence: no row lock for concurrent writers to queue on
+  RETURN NULL;
+END $f$;
+"""
+
+
+def trigger_name(spec: MigrationSpec) -> str:
+    return _name("dbguard_writes", spec.name)
+
+
+def _present(tgt: psycopg.Connection, rel: sql.Composed, name: str) -> bool:
+    return tgt.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s)",
+                       (rel.as_string(tgt), name)).fetchone()[0]
+
+
+def _position(tgt: psycopg.Connection) -> list | None:
+    """Where the foreign-writes counter stands (a write since then moves it); None when it does not exist."""
+    if tgt.execute("SELECT to_regclass('dbguard.foreign_writes')").fetchone()[0] is None:
+        return None
+    return list(tgt.execute("SELECT last_value, is_called FROM dbguard.foreign_writes").fetchone())
+
+
+def _armed(tgt: psycopg.Connection, spec: MigrationSpec) -> bool:
+    name = trigger_name(spec)
+    return all(tgt.execute("SELECT to_regclass(%s)", (relation(t, "target").as_string(tgt),)).fetchone()[0]
+               and _present(tgt, relation(t, "target"), name) for t in spec.tables)
+
+
+def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
+    """Before the gate's verify: note-triggers on every target table. Returns the counter's position, or None
+    when a target writer held the tables past `lock_timeout_ms` (no watermark then: whole-table verifies)."""
+    name = trigger_name(spec)
+    with db.target(spec) as tgt:
+        try:
+            tgt.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
+            tgt.execute(FUNCTION)
+            for t in spec.tables:
+                rel = relation(t, "target")
+                if not _present(tgt, rel, name):
+                    tgt.execute(sql.SQL(
+                        "CREATE TRIGGER {n} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} "
+                        "FOR EACH STATEMENT EXECUTE FUNCTION dbguard.dbguard_note_write()").format(
+                        n=sql.Identifier(name), r=rel))
+                    tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
+                # wait for the target's writers in flight (the verify after us sees them) and read the counter
+                # before any later writer can move it
+                tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
+            position = _position(tgt)
+            tgt.commit()
+        except psycopg.errors.LockNotAvailable:
+            tgt.rollback()
+            return None
+        return position
+
+
+def disarm(spec: MigrationSpec) -> None:
+    """Undo of arm(): drop the note-triggers (idempotent; tables already gone are skipped)."""
+    name = trigger_name(spec)
+    with db.target(spec) as tgt:
+        for t in spec.tables:
+            rel = relation(t, "target")
+            if tgt.execute("SELECT to_regclass(%s)", (rel.as_string(tgt),)).fetchone()[0] and _present(tgt, rel, name):
+                tgt.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), rel))
+        tgt.commit()
+
+
+def mark(src: psycopg.Connection, spec: MigrationSpec, run_id: str, verified: dict[str, Any],
+         armed_at: list | None) -> dict[str, Any] | None:
+    """After the gate's verify, under its freeze (`src` holds it): record the watermark when the verify found
+    every table equal, repaired nothing and nothing else wrote the target since arm(); else clear it."""
+    clean = verified.get("checksum_ok") and not any(r.get("repaired_rows") for r in verified["tables"].values())
+    with db.target(spec) as tgt:
+        mark_ = None
+        if clean and armed_at is not None and _armed(tgt, spec) and _position(tgt) == armed_at:
+            op_id = src.execute("SELECT coalesce(max(op_id), 0) FROM dbguard.change_ledger WHERE migration = %s "
+                                "AND direction = 'forward'", (spec.name,)).fetchone()[0]
+            mark_ = {"op_id": int(op_id), "foreign_writes": armed_at}
+        ledger.set_metric(tgt, run_id, spec.name, METRIC, mark_)
+    return mark_
+
+
+def changed_keys(src: psycopg.Connection, spec: MigrationSpec, op_id: int) -> dict[str, set[tuple[str, ...]]] | None:
+    """table ref -> every key (old and new) the forward ledger changed after `op_id`; None past MAX_KEYS."""
+    out: dict[str, set[tuple[str, ...]]] = {t.ref: set() for t in spec.tables}
+    n = 0
+    with src.cursor(name="dbguard_changed_keys") as cur:
+        cur.execute("SELECT table_name, key, old_key FROM dbguard.change_ledger WHERE migration = %s "
+                    "AND direction = 'forward' AND op_id > %s", (spec.name, op_id))
+        for table, key, old in cur:
+            for k in (key, old):
+                if k is not None and table in out:
+                    out[table].add(tuple(k))
+            n += 1
+            if n > MAX_KEYS:
+                return None
+    return out
+
+
+def _sum(conn: psycopg.Connection, table, side: str, keys: list[tuple[str, ...]], h) -> Checksum:
+    from ..reconcile import keys_filter
+
+    count, total = 0, 0
+    for i in range(0, len(keys), BATCH):
+        ck = checksum(conn, table, side, None, h, where=keys_filter(table, keys[i:i + BATCH]))
+        count, total = count + ck.count, total + ck.total
+    return Checksum(count, total)
+
+
+def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[str, Any] | None:
+    """Under a freeze with the forward ledger drained to zero (`src` holds it): per table {count, equal,
+    changed_keys}, or None when the whole tables must be compared (see the module doc)."""
+    from ..reconcile import Sides
+
+    if not spec.schema_freeze:
+        return None
+    with db.target(spec) as tgt:
+        mark_ = ledger.metrics(tgt, run_id).get(METRIC)
+        if not mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
+            return None
+    keys = changed_keys(src, spec, mark_["op_id"])
+    if keys is None:
+        return None
+    sides = Sides(spec)
+    out = {}
+    try:
+        for t in spec.tables:
+            ks = sorted(keys[t.ref])
+            (s_all, g_all), (s_ck, g_ck) = (
+                sides.both(lambda c, side: c.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                    relation(t, side))).fetchone()[0], ("source",), ("target",)),
+                sides.both(_sum, (t, "source", ks, sides.hashing), (t, "target", ks, sides.hashing)))
+            out[t.ref] = {"count": s_all, "target_count": g_all, "changed_keys": len(ks),
+                          "equal": s_all == g_all and s_ck == g_ck,
+                          "source": s_ck.to_dict(), "target": g_ck.to_dict()}
+    finally:
+        sides.close()
+    return out
