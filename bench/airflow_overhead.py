@@ -118,73 +118,30 @@ def main() -> None:
         drop_databases(NAME)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ---- under a real scheduler: airflow standalone (LocalExecutor) --------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _airflow(env: dict, *args: str, check: bool = True) -> str:
-    import subprocess
-
-    out = subprocess.run([str(Path(sys.executable).with_name("airflow")), *args], env=env, capture_output=True,
-                         text=True, timeout=300)
-    if check and out.returncode:
-        raise RuntimeError(f"airflow {' '.join(args)} failed: {out.stderr[-2000:]}")
-    return out.stdout
-
-
 def local_executor(batches: list[int], spec_path: Path, tgt_dsn: str, rows: int) -> list[dict]:
-    """The same DAG under `airflow standalone` (scheduler + LocalExecutor + api-server + dag-processor) in a
-    throwaway AIRFLOW_HOME on a free localhost port, triggered from the CLI; every process stopped after."""
-    import signal
+    """The same DAG under what `airflow standalone` runs (scheduler + LocalExecutor + api-server +
+    dag-processor + triggerer, SQLite) in a throwaway AIRFLOW_HOME on a free localhost port
+    (dbguard.airflow.stack), triggered through the REST API; every process stopped after."""
     import sqlite3
-    import subprocess
-    import tempfile
 
-    home = Path(tempfile.mkdtemp(prefix="dbguard-overhead-airflow-"))
-    port = _free_port()
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-           "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "DBGUARD_SPECS": str(spec_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    _airflow(env, "db", "migrate")
-    _airflow(env, "pools", "set", "dbguard_bench_overhead", "2", "bench")
-    log = open(home / "standalone.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), "standalone"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    db_path = home / "airflow.db"
-    out = []
-    try:
-        deadline = time.monotonic() + 180
-        while "dbguard_bench_overhead" not in _airflow(env, "dags", "list", check=False):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the DAG never appeared under standalone; see {home / 'standalone.log'}")
-            time.sleep(3)
-        _airflow(env, "dags", "unpause", "dbguard_bench_overhead")
+    from dbguard.airflow.stack import Stack
+
+    with Stack(extra_env={"DBGUARD_SPECS": str(spec_path)}) as stack:
+        stack.airflow("db", "migrate")
+        stack.airflow("pools", "set", "dbguard_bench_overhead", "2", "bench")
+        stack.start_services()
+        stack.wait_healthy(timeout=180)
+        stack.wait_dag("dbguard_bench_overhead", timeout=180)  # and unpause it
+        db_path = stack.home / "airflow.db"
+        out = []
         for b in batches:
             _reset_target(tgt_dsn)
-            t0 = time.monotonic()
-            run_id = f"overhead_{b}_{int(time.time())}"
-            _airflow(env, "dags", "trigger", "dbguard_bench_overhead", "--run-id", run_id,
-                     "--conf", json.dumps({"batch_rows": b}))
-            while True:
-                with sqlite3.connect(db_path) as c:
-                    state = c.execute("SELECT state FROM dag_run WHERE run_id = ?", (run_id,)).fetchone()
-                if state and state[0] in ("success", "failed"):
-                    break
-                if time.monotonic() - t0 > 900:
-                    raise RuntimeError(f"run {run_id} did not finish in 15 min")
-                time.sleep(1)
+            run_id = stack.trigger("dbguard_bench_overhead", conf={"batch_rows": b},
+                                   run_id=f"overhead_{b}_{int(time.time())}")
+            state = stack.wait_run("dbguard_bench_overhead", run_id, timeout=900)
             with sqlite3.connect(db_path) as c:
                 spans = c.execute(
                     "SELECT task_id, julianday(start_date), julianday(end_date), julianday(queued_dttm) "
@@ -204,14 +161,11 @@ def local_executor(batches: list[int], spec_path: Path, tgt_dsn: str, rows: int)
                    "ranges": len(copies), "tasks": len(spans), "wall_seconds": round(wall, 2),
                    "task_overhead_ms": round(overhead * 1000, 1), "queue_latency_ms": round(latency * 1000, 1),
                    "overhead_share": round((overhead + latency) * len(spans) / (wall * 2), 3),
-                   "state": state[0]}
+                   "state": state}
             print(json.dumps(row), flush=True)
             out.append(row)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
-"""The UI in a real browser: headless Debian Chromium (Playwright) against `airflow standalone`.
+"""The UI in a real browser: headless Debian Chromium (Playwright) against a running Airflow.
 
-Airflow runs in a throwaway AIRFLOW_HOME on a free 127.0.0.1 port (dbguard.airflow.stack), wired to two
+Airflow runs what `airflow standalone` runs (LocalExecutor, SQLite, scheduler + dag-processor + api-server +
+triggerer, simple auth manager), started one by one so that nothing but the api-server listens, in a
+throwaway AIRFLOW_HOME on a free 127.0.0.1 port (dbguard.airflow.stack), wired to two
 fresh databases on the embedded servers with the demo shop loaded small. In the browser: the plugin page
 refuses a visitor who is not logged in, a wrong password does not log in, the right one does; the demo DAG
 is triggered from its trigger form (Params: rows per key range, a run id), the run succeeds, its report is
@@ -27,13 +29,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ROOT / ".artifacts" / "browser"
 DAG_ID = "dbguard_demo_shop"
+POOL = "dbguard_demo_shop"  # env.pool_name(spec): copy_range tasks wait forever without it
 CUSTOMERS, ORDERS, BATCH_ROWS = 2000, 8000, 4000  # 1 + 2 key ranges
 REFUSED = (401, 403)
 
 
 @pytest.fixture
 def stack(dbpair, tmp_path):
-    """`airflow standalone` on the dbpair databases; stopped (every process, by PID) whatever happens."""
+    """Airflow on the dbpair databases; stopped (every process, by PID) whatever happens."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make sysdeps` (installs Debian's chromium) for the browser test")
     from dbguard.airflow.stack import Stack
@@ -42,11 +45,12 @@ def stack(dbpair, tmp_path):
     s = Stack(extra_env={"DBGUARD_REPORT_DIR": str(tmp_path / "reports")})
     s.t0 = time.monotonic()
     try:
-        s.start("standalone", "standalone")
+        s.airflow("db", "migrate")
+        s.start_services()  # scheduler, dag-processor, api-server, triggerer: `airflow standalone`'s set
         s.wait_healthy(timeout=240)
         print(f"airflow healthy after {time.monotonic() - s.t0:.1f}s")
-        r = s.api("POST", "/pools", json={"name": f"dbguard_{DAG_ID.removeprefix('dbguard_')}", "slots": 4,
-                                          "description": "browser test", "include_deferred": False})
+        r = s.api("POST", "/pools", json={"name": POOL, "slots": 4, "description": "browser test",
+                                          "include_deferred": False})
         assert r.status_code in (201, 409), r.text
         s.wait_dag(DAG_ID, timeout=180, unpause=False)  # the trigger form unpauses it
         print(f"{DAG_ID} parsed after {time.monotonic() - s.t0:.1f}s")

@@ -2,15 +2,20 @@
 
     with Stack(executor="LocalExecutor") as s:       # a temp home, a free port, SimpleAuthManager admin
         s.airflow("db", "migrate")
-        s.start("standalone", "standalone")         # or: "scheduler", "dag-processor", "api-server", ...
+        s.start_services()                          # what `airflow standalone` runs, log servers off
         s.wait_healthy()                            # GET /api/v2/monitor/health
         s.wait_dag("dbguard_demo_shop")             # parsed and visible in the REST API
         run_id = s.trigger("dbguard_demo_shop", conf={"batch_rows": 500})
         state = s.wait_run("dbguard_demo_shop", run_id, timeout=300)
 
+`start_services()` starts the components `airflow standalone` runs (scheduler, dag-processor, api-server,
+triggerer) one by one instead of `standalone` itself, because only then can their task-log servers be
+switched off (`--skip-serve-logs`): those bind every interface ([::]:8793 / 8794) and would also collide
+between two stacks; the api-server reads the task logs from the shared home instead.
 Every process is started in its own session (process group) with its output in `<home>/logs/<name>.log`;
 `stop()` (also on leaving the `with`, failing or not) sends SIGTERM to each group, waits, then SIGKILLs the
-group and any descendant that left it (Airflow task processes make their own process groups), all by PID.
+group and any descendant that left it (Airflow task processes make their own process groups), all by PID;
+a temp home the Stack made itself is removed after a clean `with`, kept (with its logs) after an error.
 The REST calls use the simple auth manager's token endpoint (POST /auth/token) and /api/v2.
 No Airflow import here: Airflow runs only in the child processes.
 """
@@ -33,6 +38,7 @@ from . import env as airflow_env
 
 AIRFLOW_BIN = Path(sys.executable).with_name("airflow")
 FINISHED = ("success", "failed")
+SERVES_LOGS = {"scheduler", "triggerer"}  # components that start a task-log server unless told not to
 
 
 def free_port() -> int:
@@ -46,7 +52,8 @@ class Stack:
 
     def __init__(self, home: Path | None = None, *, executor: str = "LocalExecutor",
                  extra_env: dict[str, str] | None = None, user: str = "admin"):
-        self.home = Path(home or tempfile.mkdtemp(prefix="dbguard-airflow-"))
+        self.own_home = home is None  # a temp home is removed on a clean exit from `with`, kept after an error
+        self.home = Path(home or tempfile.mkdtemp(prefix="dbguard-stack-"))
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,6 +101,12 @@ class Stack:
                                 start_new_session=True, cwd=self.home)
         self.procs[name] = proc
         return proc
+
+    def start_services(self, *names: str) -> None:
+        """Start Airflow components (default: scheduler, dag-processor, api-server, triggerer), each as
+        `airflow <name>`, with the task-log servers off so that only the api-server listens (127.0.0.1)."""
+        for name in names or ("scheduler", "dag-processor", "api-server", "triggerer"):
+            self.start(name, *name.split(), *(["--skip-serve-logs"] if name in SERVES_LOGS else []))
 
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
@@ -147,8 +160,12 @@ class Stack:
     def __enter__(self) -> "Stack":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if self.own_home and exc_type is None:
+            import shutil
+
+            shutil.rmtree(self.home, ignore_errors=True)
 
     # ---- REST API -------------------------------------------------------------------------------------
     def token(self) -> str:
