@@ -459,3 +459,16 @@ def test_an_applier_mistake_on_a_changed_row_is_caught_by_the_changed_rows_verif
     with pytest.raises(cutover.CutoverError, match="rows changed since the gate"):
         cutover.cutover(spec, RUN)
     assert cutover.state(spec, RUN)["primary"] == "source"
+
+
+def test_capture_off_and_on_after_the_gate_gets_the_whole_table_verify(dbpair, migrated):
+    """A change made while capture was off is in no ledger: new capture triggers void the watermark."""
+    spec = migrated
+    _gate(spec)
+    capture.capture_off(spec, RUN)
+    with dbpair.src(autocommit=True) as app:
+        app.execute("UPDATE shop.customers SET full_name = 'uncaptured' WHERE id = (SELECT max(id) FROM shop.customers)")
+    capture.capture_on(spec, RUN)
+    with pytest.raises(cutover.CutoverError, match="count \\+ checksum differ under the freeze: customers: source "
+                                                   "\\{'count'"):
+        cutover.cutover(spec, RUN)

@@ -14,7 +14,8 @@ counts plus the count + checksum of every key the ledger changed after the water
 changes). When only the applier wrote the target and nothing bypassed capture on the source (DDL is refused by
 the schema freeze, TRUNCATE by capture's trigger), those are the only rows that can differ, so the freeze no
 longer grows with the table. `verify()` returns None — verify whole tables — when the run has no watermark, a
-foreign write was noted, the schema freeze is off, or more than `MAX_KEYS` keys changed.
+foreign write was noted, the source's capture triggers are not the ones the gate saw (capture was off for a
+while, or disabled), the schema freeze is off, or more than `MAX_KEYS` keys changed.
 
 Undo: `disarm()` drops the triggers (release, after the flip); the counter stays.
 """
@@ -26,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from .. import db, ledger
-from ..capture.common import _name
+from ..capture.common import _name, trigger_name as capture_trigger_name
 from ..checksum import Checksum, checksum, relation
 from ..spec import MigrationSpec
 
@@ -107,6 +108,15 @@ def disarm(spec: MigrationSpec) -> None:
         tgt.commit()
 
 
+def _capture_triggers(src: psycopg.Connection, spec: MigrationSpec) -> list:
+    """The forward capture triggers on the source tables as [oid, tgenabled]: capture turned off and on again
+    (dropped and re-created triggers) or disabled since the gate shows as a change."""
+    name = capture_trigger_name(spec, "forward")
+    return [list(r) for r in src.execute(
+        "SELECT t.oid::bigint, t.tgenabled::text FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = ANY(%s::regclass[]) "
+        "ORDER BY 1", (name, [relation(t, "source").as_string(src) for t in spec.tables]))]
+
+
 def mark(src: psycopg.Connection, spec: MigrationSpec, run_id: str, verified: dict[str, Any],
          armed_at: list | None) -> dict[str, Any] | None:
     """After the gate's verify, under its freeze (`src` holds it): record the watermark when the verify found
@@ -117,7 +127,7 @@ def mark(src: psycopg.Connection, spec: MigrationSpec, run_id: str, verified: di
         if clean and armed_at is not None and _armed(tgt, spec) and _position(tgt) == armed_at:
             op_id = src.execute("SELECT coalesce(max(op_id), 0) FROM dbguard.change_ledger WHERE migration = %s "
                                 "AND direction = 'forward'", (spec.name,)).fetchone()[0]
-            mark_ = {"op_id": int(op_id), "foreign_writes": armed_at}
+            mark_ = {"op_id": int(op_id), "foreign_writes": armed_at, "capture": _capture_triggers(src, spec)}
         ledger.set_metric(tgt, run_id, spec.name, METRIC, mark_)
     return mark_
 
@@ -160,6 +170,8 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[st
         mark_ = ledger.metrics(tgt, run_id).get(METRIC)
         if not mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
             return None
+    if _capture_triggers(src, spec) != mark_["capture"] or len(mark_["capture"]) != len(spec.tables):
+        return None  # capture was off (or disabled) for a while: the ledger may not hold every change
     keys = changed_keys(src, spec, mark_["op_id"])
     if keys is None:
         return None
