@@ -24,7 +24,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help demo test bench faults airflow clean distclean sysdeps
+.PHONY: help demo test bench faults airflow clean distclean sysdeps celery
 
 # Debian packages the tests and demos run for real: PgBouncer (cutover pointer), Redis (Celery
 # broker), Chromium (browser test). Installed when missing and we are root (CI, fresh machines);
@@ -69,6 +69,10 @@ test: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 
 bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m bench
+
+# The demo DAG on CeleryExecutor: Redis broker, PostgreSQL metadata DB, two Celery workers; ends with one JSON line.
+celery: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
+	$(BIN)/python -m dbguard.airflow.celery_demo
 
 # Fault injection under a live writer, one JSON line per scenario (docs/faults.md).
 faults: $(VENV_STAMP) $(AIRFLOW_STAMP)

@@ -1,6 +1,7 @@
 """docker-compose.yaml: the production-like stack (no docker engine here, so it is parsed, not run)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,48 @@ def test_bind_mounts_exist_and_the_project_is_importable(compose):
     assert (ROOT / "include" / "dbguard" / "__init__.py").is_file()
     assert env["PYTHONPATH"] == "/opt/airflow/include"
     assert "psycopg" in env["_PIP_ADDITIONAL_REQUIREMENTS"]
+
+
+def test_same_executor_broker_backend_and_variables_as_make_celery(compose):
+    """`make celery` (dbguard.airflow.celery_demo) is this stack without docker: every variable it sets is
+    set here too, with the same kind of value, and identically in every Airflow container."""
+    from dbguard.airflow.celery_demo import celery_env
+
+    local = set(celery_env(meta="postgresql+psycopg2://u@/m?host=/s", broker="redis://127.0.0.1:1/0",
+                           concurrency=2, source="postgresql://s", target="postgresql://t", reports="/r"))
+    local |= {"AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "AIRFLOW__API_AUTH__JWT_SECRET"}
+    envs = {name: compose["services"][name]["environment"] for name in AIRFLOW_SERVICES}
+    for name, env in envs.items():
+        assert local <= set(env), (name, sorted(local - set(env)))
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://"), name
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql"), name
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/") or \
+            env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://:@redis:6379/"), name
+        # the scheduler signs task tokens that the api-server must accept: one secret, never empty
+        assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == envs["airflow-apiserver"]["AIRFLOW__API_AUTH__JWT_SECRET"]
+        secret = str(env["AIRFLOW__API_AUTH__JWT_SECRET"])
+        assert re.fullmatch(r"\$\{\w+:-[^}]+\}|[^$]+", secret), (name, secret)  # a non-empty value or default
+        for var in local - {"AIRFLOW__API_AUTH__JWT_SECRET"}:
+            assert env[var] == envs["airflow-apiserver"][var], (name, var)
+
+
+def test_reports_are_shared_by_workers_and_the_ui(compose):
+    """finalize writes the report on a worker; the plugin serves it from the api-server container."""
+    services = compose["services"]
+    report_dir = services["airflow-worker"]["environment"]["DBGUARD_REPORT_DIR"]
+    for name in ("airflow-worker", "airflow-apiserver"):
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        assert report_dir in mounts and mounts[report_dir] in compose["volumes"], (name, mounts)
+        assert services[name]["environment"]["DBGUARD_REPORT_DIR"] == report_dir
+
+
+def test_init_creates_every_specs_pool_with_its_concurrency(compose):
+    """The scheduler never runs a task whose pool does not exist: airflow-init creates one per spec."""
+    from dbguard.airflow import env as airflow_env
+
+    script = "\n".join(compose["services"]["airflow-init"]["command"])
+    pools = {m[0]: int(m[1]) for m in re.findall(r"airflow pools set (\S+) (\d+)", script)}
+    specs = [airflow_env.spec_at(str(p)) for p in sorted((ROOT / "include" / "migrations").glob("*.yaml"))]
+    assert specs
+    assert pools == {airflow_env.pool_name(s): s.backfill.concurrency for s in specs}
+    assert script.index("exec /entrypoint bash -c") < script.index("airflow pools set")  # after the migration
