@@ -13,6 +13,7 @@ A screenshot of every step goes to .artifacts/browser/ (NN_<step>.png), Airflow'
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -24,7 +25,7 @@ import pytest
 from dbguard import demo
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("DBGUARD_CHROMIUM", "/usr/bin/chromium"))  # Debian's, from `make sysdeps`
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ROOT / ".artifacts" / "browser"
