@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from .. import db, ledger
-from ..capture.common import _name, trigger_name as capture_trigger_name
+from ..capture.common import LOCK_ERRORS, _name, lock_retrying, trigger_name as capture_trigger_name
 from ..checksum import Checksum, checksum, relation
 from ..spec import MigrationSpec
 
@@ -74,38 +74,47 @@ def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
     """Before the gate's verify: note-triggers on every target table. Returns the counter's position, or None
     when a target writer held the tables past `lock_timeout_ms` (no watermark then: whole-table verifies)."""
     name = trigger_name(spec)
+
+    def install() -> list | None:
+        tgt.execute(FUNCTION)
+        for t in spec.tables:
+            rel = relation(t, "target")
+            if not _present(tgt, rel, name):
+                tgt.execute(sql.SQL("CREATE TRIGGER {n} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} "
+                                    "FOR EACH STATEMENT EXECUTE FUNCTION dbguard.dbguard_note_write()").format(
+                    n=sql.Identifier(name), r=rel))
+                tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
+            # wait for the target's writers in flight (the verify after us sees them) and read the counter
+            # before any later writer can move it
+            tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
+        return _position(tgt)
+
     with db.target(spec) as tgt:
         try:
-            tgt.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms")))
-            tgt.execute(FUNCTION)
-            for t in spec.tables:
-                rel = relation(t, "target")
-                if not _present(tgt, rel, name):
-                    tgt.execute(sql.SQL(
-                        "CREATE TRIGGER {n} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} "
-                        "FOR EACH STATEMENT EXECUTE FUNCTION dbguard.dbguard_note_write()").format(
-                        n=sql.Identifier(name), r=rel))
-                    tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
-                # wait for the target's writers in flight (the verify after us sees them) and read the counter
-                # before any later writer can move it
-                tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
-            position = _position(tgt)
+            position = lock_retrying(tgt, lock_timeout_ms, install)
             tgt.commit()
-        except psycopg.errors.LockNotAvailable:
+        except LOCK_ERRORS:
             tgt.rollback()
             return None
         return position
 
 
 def disarm(spec: MigrationSpec) -> None:
-    """Undo of arm(): drop the note-triggers (idempotent; tables already gone are skipped)."""
+    """Undo of arm(): drop the note-triggers, one table per transaction in short lock steps (the application
+    may be writing these tables already: a multi-table DROP would deadlock with its foreign-key checks).
+    Idempotent; tables already gone are skipped."""
     name = trigger_name(spec)
     with db.target(spec) as tgt:
         for t in spec.tables:
             rel = relation(t, "target")
-            if tgt.execute("SELECT to_regclass(%s)", (rel.as_string(tgt),)).fetchone()[0] and _present(tgt, rel, name):
-                tgt.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), rel))
-        tgt.commit()
+
+            def drop() -> None:
+                if (tgt.execute("SELECT to_regclass(%s)", (rel.as_string(tgt),)).fetchone()[0]
+                        and _present(tgt, rel, name)):
+                    tgt.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), rel))
+
+            lock_retrying(tgt, spec.capture.ddl_lock_timeout_ms, drop)
+            tgt.commit()
 
 
 def _capture_triggers(src: psycopg.Connection, spec: MigrationSpec) -> list:
