@@ -472,3 +472,24 @@ def test_capture_off_and_on_after_the_gate_gets_the_whole_table_verify(dbpair, m
     with pytest.raises(cutover.CutoverError, match="count \\+ checksum differ under the freeze: customers: source "
                                                    "\\{'count'"):
         cutover.cutover(spec, RUN)
+
+
+def test_dropping_the_note_triggers_gives_way_to_an_application_on_the_target(dbpair, migrated):
+    """After the flip the application writes the target while the note-triggers go: a writer holding one table
+    and then reading the other (a foreign-key check does that) must never be a deadlock victim."""
+    from dbguard.cutover import watermark
+
+    spec = migrated
+    _gate(spec)
+    errors = []
+    with dbpair.tgt() as app:
+        app.execute("LOCK TABLE shop.orders IN ROW EXCLUSIVE MODE")  # an INSERT into orders in progress
+        t = threading.Thread(target=lambda: errors.extend([]) if watermark.disarm(spec) is None else None)
+        t.start()
+        time.sleep(0.6)
+        app.execute("SELECT count(*) FROM shop.customers").fetchone()  # its foreign-key check on customers
+        app.commit()
+    t.join(30)
+    assert not t.is_alive() and not errors
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'dbguard_writes%'").fetchone()[0] == 0
