@@ -3,6 +3,8 @@
 #   make test     the test suite (real PostgreSQL, real DAG runs)
 #   make bench    benchmarks (JSON lines with speed ratios)
 #   make airflow  Airflow UI (airflow standalone) wired to the embedded servers
+#   make celery   the demo DAG on CeleryExecutor (Redis, two workers, localhost)
+#   make faults   fault injection under a live writer (one JSON line per scenario)
 #   make clean    stop the embedded servers, remove .pg/ .airflow/ and caches
 #   make distclean  clean + remove .venv/
 
@@ -42,7 +44,7 @@ sysdeps:
 	fi
 
 help:
-	@sed -n '2,7s/^#//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '2,9s/^#//p' $(firstword $(MAKEFILE_LIST))
 
 # The virtualenv: pinned requirements, then the package itself (editable, no deps).
 $(VENV_STAMP): requirements.txt pyproject.toml
