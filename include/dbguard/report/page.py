@@ -283,8 +283,9 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
               plots.lambda_states(f["shadow"]), plots.latency(f["shadow"]),
               plots.change_lag(f["drains"], f["batches"]), plots.cutover_timeline(f["steps"])]
     imgs = "".join(f"<img src='{c}' alt='plot'>" for c in charts if c)
+    shown = {**result, "report": Path(result["report"]).name if result.get("report") else None}  # no server path
     res = "".join(f"<tr><th>{esc(k)}</th><td>{esc(num(v) if not isinstance(v, str) else v)}</td></tr>"
-                  for k, v in result.items() if k != "reason")
+                  for k, v in shown.items() if k != "reason")
     run = data.get("run") or {}
     when = (f" · started {esc(str(run.get('started_at'))[:19])} UTC, took {esc(num(run.get('seconds')))} s"
             if run.get("seconds") is not None else "")
