@@ -131,6 +131,7 @@ def _spec_file(tmp: Path) -> Path:
     raw["name"] = NAME
     raw["window"] = {"start": "00:00", "end": "23:59"}
     raw["run_cutover"] = True  # the whole DAG: backfill, reconcile, capture under the writer, cutover
+    raw.pop("schema_freeze", None)  # the default (on), as users run it: the cutover verifies what changed
     path = tmp / f"{NAME}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -237,7 +237,7 @@ def test_window_same_day_and_time_zone():
 
 def test_good_spec_defaults_are_documented_values():
     spec = parse_spec(GOOD)
-    assert spec.backfill.concurrency == 4 and spec.backfill.batch_rows == 100_000
+    assert spec.backfill.concurrency == 4 and spec.backfill.batch_rows == 250_000
     assert spec.gates.delta_s_max == 0.02 and spec.gates.delta_s_escalate == 0.05
     assert spec.gates.escalate_after_minutes == 15
     assert spec.schema_freeze is True and spec.table("orders").target_schema == "shop"

@@ -413,7 +413,7 @@ def _check_stores(t: "Table", names: list[str]) -> None:
 
 
 class Backfill(_Model):
-    batch_rows: int = Field(100_000, ge=100, le=10_000_000, description="rows per key range (100k keeps Airflow's "
+    batch_rows: int = Field(250_000, ge=100, le=10_000_000, description="rows per key range (250k keeps Airflow's "
                                                                        "per-task cost under 10 % of a run: bench airflow_overhead)")
     concurrency: int = Field(4, ge=1, le=64, description="Airflow pool slots = parallel range copies")
     max_rows_per_second: int | None = Field(None, ge=1, description="throttle per range copy")
