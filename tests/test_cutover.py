@@ -493,3 +493,15 @@ def test_dropping_the_note_triggers_gives_way_to_an_application_on_the_target(db
     assert not t.is_alive() and not errors
     with dbpair.tgt() as c:
         assert c.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'dbguard_writes%'").fetchone()[0] == 0
+
+
+def test_a_note_trigger_disabled_after_the_gate_gets_the_whole_table_verify(dbpair, migrated):
+    """Writes made while someone had disabled the note-trigger on the target were never noted."""
+    spec = migrated
+    _gate(spec)
+    with dbpair.tgt(autocommit=True) as owner:
+        owner.execute("ALTER TABLE shop.customers DISABLE TRIGGER ALL")
+        owner.execute("UPDATE shop.customers SET full_name = 'unnoted' WHERE id = (SELECT max(id) FROM shop.customers)")
+    with pytest.raises(cutover.CutoverError, match="count \\+ checksum differ under the freeze: customers: source "
+                                                   "\\{'count'"):
+        cutover.cutover(spec, RUN)

@@ -65,9 +65,12 @@ def _position(tgt: psycopg.Connection) -> list | None:
 
 
 def _armed(tgt: psycopg.Connection, spec: MigrationSpec) -> bool:
+    """Every target table has its note-trigger, enabled ALWAYS (a disabled one would have missed writes)."""
     name = trigger_name(spec)
     return all(tgt.execute("SELECT to_regclass(%s)", (relation(t, "target").as_string(tgt),)).fetchone()[0]
-               and _present(tgt, relation(t, "target"), name) for t in spec.tables)
+               and tgt.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s "
+                               "AND tgenabled = 'A')", (relation(t, "target").as_string(tgt), name)).fetchone()[0]
+               for t in spec.tables)
 
 
 def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
@@ -83,7 +86,7 @@ def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
                 tgt.execute(sql.SQL("CREATE TRIGGER {n} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} "
                                     "FOR EACH STATEMENT EXECUTE FUNCTION dbguard.dbguard_note_write()").format(
                     n=sql.Identifier(name), r=rel))
-                tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
+            tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
             # wait for the target's writers in flight (the verify after us sees them) and read the counter
             # before any later writer can move it
             tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
