@@ -505,3 +505,37 @@ def test_a_note_trigger_disabled_after_the_gate_gets_the_whole_table_verify(dbpa
     with pytest.raises(cutover.CutoverError, match="count \\+ checksum differ under the freeze: customers: source "
                                                    "\\{'count'"):
         cutover.cutover(spec, RUN)
+
+
+def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, migrated):
+    """No write freeze at the gate: the applier drains to a source snapshot, both sides are compared there."""
+    spec = migrated
+    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    time.sleep(0.5)
+    before = len(w.inserted)
+    out = stages.final_verify(spec, RUN)
+    during = len(w.inserted) - before
+    time.sleep(0.3)
+    c = cutover.cutover(spec, RUN)
+    time.sleep(0.3)
+    w.stop()
+    assert (out["mode"], out["checksum_ok"]) == ("snapshot", True) and out["watermark"], out
+    assert during > 0  # the application went on writing while the gate compared
+    with dbpair.tgt() as t:
+        stages_seen = [r[0] for r in t.execute("SELECT detail->>'stage' FROM dbguard.events WHERE run_id = %s "
+                                              "AND stage = 'write_freeze'", (RUN,))]
+    assert "final_verify" not in stages_seen, stages_seen
+    assert c["verify_mode"] == "changed" and w.errors == [], (c["verify_mode"], w.errors[:3])
+    capture.drain(spec, RUN, direction="reverse")
+    assert_identical(dbpair, spec)
+
+
+def test_a_difference_at_the_gate_is_repaired_under_the_freeze(dbpair, migrated):
+    spec = migrated
+    with dbpair.tgt(autocommit=True) as bad:
+        bad.execute("SELECT set_config('dbguard.applying', 'on', false)")
+        bad.execute("UPDATE shop.customers SET full_name = 'drifted' WHERE id = (SELECT min(id) FROM shop.customers)")
+    out = stages.final_verify(spec, RUN)
+    assert (out["mode"], out["checksum_ok"]) == ("freeze", True), out
+    assert out["tables"]["customers"]["repaired_rows"] == 1 and out["watermark"] is None
+    assert_identical(dbpair, spec)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from . import capture, catalog, db, ledger, preflight as pf, report, retrieval, target_schema
 from .backfill import copy_range as _copy_range
@@ -131,20 +133,86 @@ def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return _reconcile_all(spec, run_id, "reconcile")
 
 
+def _gate_verdict(spec: MigrationSpec, run_id: str, src, out: dict[str, Any], armed_at, snapshot: str) -> None:
+    """Record what the gate's exact comparison found: the applier's count then (release verifies anything
+    applied after it) and, when clean, the verified watermark at `snapshot`."""
+    with db.target(spec) as tgt:
+        ledger.set_metric(tgt, run_id, spec.name, "applied_at_gate", capture.cursor(spec, run_id).get("applied", 0))
+    out["watermark"] = watermark.mark(src, spec, run_id, out, armed_at, snapshot)
+
+
+def _verify_at_snapshot(spec: MigrationSpec, run_id: str) -> dict[str, Any] | None:
+    """The exact comparison without stopping writers: a REPEATABLE READ snapshot S of the source, the applier
+    drained to exactly S (the target then holds the source as of S), a target snapshot taken while the applier
+    is held, and count + checksum + orphans of every table in both snapshots at once. Returns the verdict
+    when every table is equal; None (use the frozen comparison, which repairs) otherwise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .backfill import orphan_count
+    from .capture.applier import _fence_key
+    from .checksum import Hashing, checksum
+
+    t0 = time.monotonic()
+    armed_at = watermark.arm(spec, spec.capture.ddl_lock_timeout_ms)
+    with db.source(spec) as src, db.target(spec) as hold, db.target(spec) as tgt:
+        src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        d = capture.drain(spec, run_id, until=snapshot)
+        if d["dual_write_fail"] or not d.get("at_snapshot"):
+            return None
+        hold.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_fence_key(spec, "forward")))
+        cur = capture.cursor(spec, run_id)
+        if cur.get("prev_snapshot") != snapshot or cur.get("cur_snapshot") is not None:
+            return None  # another drain moved the target past S meanwhile
+        tgt.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        tgt.execute("SELECT 1")  # the target's snapshot: the applier is held until here
+        hold.commit()
+        h = Hashing.between(spec, src, tgt)
+        tables, pool = {}, ThreadPoolExecutor(1)
+        try:
+            for t in spec.table_order():
+                ts = time.monotonic()
+                s_ck = pool.submit(checksum, src, t, "source", None, h)
+                g_ck = checksum(tgt, t, "target", None, h)
+                orphans = orphan_count(tgt, spec, t, None)
+                s_ck = s_ck.result()
+                tables[t.ref] = {"table": t.ref, "source": s_ck.to_dict(), "target": g_ck.to_dict(),
+                                 "equal": s_ck == g_ck, "orphans": orphans, "rounds": [], "repaired_rows": 0,
+                                 "seconds": round(time.monotonic() - ts, 3)}
+        finally:
+            pool.shutdown()
+        ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
+        if not ok:
+            return None
+        migrated = sum(r["target"]["count"] for r in tables.values())
+        out = {"checksum_ok": True, "migrated_rows": migrated, "tables": tables, "mode": "snapshot",
+               "snapshot": snapshot, "seconds": round(time.monotonic() - t0, 3), "drained": d["applied"]}
+        with db.target(spec) as led:
+            ledger.set_metric(led, run_id, spec.name, "final_verify", tables, commit=False)
+            ledger.set_metric(led, run_id, spec.name, "checksum_ok", True, commit=False)
+            ledger.set_metric(led, run_id, spec.name, "migrated_rows", migrated, commit=False)
+            ledger.event(led, run_id, spec.name, "final_verify", {"checksum_ok": True, "migrated_rows": migrated,
+                                                                  "mode": "snapshot", "seconds": out["seconds"]})
+        _gate_verdict(spec, run_id, src, out, armed_at, snapshot)
+        src.rollback()
+    return out
+
+
 @_resolved
 def final_verify(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """With dual writes on: freeze source writes briefly, drain to zero lag, reconcile whole tables.
-    Under a live writer only this comparison is exact; it overrides the earlier reconcile verdict."""
+    """With dual writes on, the exact comparison that overrides the earlier reconcile verdict: first at a
+    source snapshot without stopping writers (_verify_at_snapshot); when that finds a difference, under a
+    brief write freeze with the ledger drained to zero, where differences are repaired."""
+    out = _verify_at_snapshot(spec, run_id)
+    if out is not None:
+        return out
     with capture.quiesced(spec, run_id) as (src, info):
         armed_at = watermark.arm(spec, spec.capture.ddl_lock_timeout_ms)
         out = _reconcile_all(spec, run_id, "final_verify")
-        # what the applier had applied when this verdict was taken: release verifies anything applied after it
-        with db.target(spec) as tgt:
-            ledger.set_metric(tgt, run_id, spec.name, "applied_at_gate",
-                              capture.cursor(spec, run_id).get("applied", 0))
-        out["watermark"] = watermark.mark(src, spec, run_id, out, armed_at)
+        snapshot = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # every change so far
+        _gate_verdict(spec, run_id, src, out, armed_at, snapshot)
     _event(spec, run_id, "write_freeze", {"stage": "final_verify", **info})
-    return {**out, **info}
+    return {**out, **info, "mode": "freeze"}
 
 
 @_resolved
@@ -316,8 +384,6 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
         return {"run_id": run_id, **cutover.rollback(spec, run_id)}
     out = release(spec, run_id, verify=False)
     if drop_target:
-        from psycopg import sql
-
         with db.target(spec) as tgt:
             for t in spec.tables:
                 tgt.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(db.qname(t.target_schema, t.target_name)))

@@ -303,10 +303,22 @@ _EMPTY = {"applied": 0, "batches": 0, "seconds": 0.0, "rows_per_second": None, "
           "dual_write_fail": 0, "failed_op_ids": [], "new_failed_op_ids": [], "stopped_on_error": False}
 
 
+PAST_SNAPSHOT = """
+SELECT EXISTS (SELECT 1 FROM dbguard.change_ledger
+               WHERE migration = %(m)s AND direction = %(d)s AND source_xid >= pg_snapshot_xmin(%(until)s::pg_snapshot)
+                 AND pg_visible_in_snapshot(source_xid, %(prev)s::pg_snapshot)
+                 AND NOT pg_visible_in_snapshot(source_xid, %(until)s::pg_snapshot))
+"""
+
+
 def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_batches: int | None = None,
-          batch_ops: int | None = None,
+          batch_ops: int | None = None, until: str | None = None,
           before_commit: Callable[[psycopg.Connection], None] | None = None) -> dict[str, Any]:
     """Apply every op committed before this call (and what arrives meanwhile, up to one new window).
+
+    `until` (an origin pg_snapshot): apply exactly the ops visible in it and stop there, so the destination
+    holds the origin's state as of that snapshot (out["at_snapshot"]); when the applier is already past it,
+    nothing is applied and at_snapshot is False.
 
     Each batch is one destination transaction: rows, cursor, batch record and failures commit together.
     Apply errors are recorded in dbguard.apply_failures and counted as dual_write_fail; the batch's other
@@ -332,11 +344,15 @@ def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_b
             tb = time.monotonic()
             tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_fence_key(spec, direction)))
             cur = _cursor_row(tgt, src, r, run_id)
-            if cur["cur"] is None:  # open the next window: everything that finished by now
-                if opened:
+            if cur["cur"] is None:  # open the next window: everything that finished by now (or by `until`)
+                if opened or (until is not None and cur["prev"] == until):
                     tgt.rollback()
                     break
-                snap = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+                if until is not None and cur["prev"] is not None and src.execute(
+                        PAST_SNAPSHOT, {"m": spec.name, "d": direction, "prev": cur["prev"], "until": until}).fetchone()[0]:
+                    tgt.rollback()
+                    break  # an earlier window already applied ops `until` does not see
+                snap = until or src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
                 first = src.execute(WINDOW_FIRST_OP, {"m": spec.name, "d": direction, "prev": cur["prev"],
                                                       "cur": snap}).fetchone()[0]
                 cur.update(cur=snap, op_cursor=(first - 1) if first is not None else 0, window_no=cur["window_no"] + 1)
@@ -408,6 +424,8 @@ def drain(spec: MigrationSpec, run_id: str, direction: str = "forward", *, max_b
                "lag": _lag(src, r, run_id, st), "high_water": hw, "dual_write_fail": len(fail_ids),
                "failed_op_ids": fail_ids, "new_failed_op_ids": failed_ids, "stopped_on_error": stopped,
                "replica_role": replica}
+        if until is not None:
+            out["at_snapshot"] = st.get("prev_snapshot") == until and st.get("cur_snapshot") is None
         ledger.event(run_ledger, run_id, spec.name, r.stage(STAGE_DRAIN), out, op_id=hw,
                      source_rev=st.get("prev_snapshot"), target_rev=st.get("target_rev"), commit=False)
         ledger.set_metric(run_ledger, run_id, spec.name, "dual_write_fail" if r.forward else "dual_write_fail.reverse",

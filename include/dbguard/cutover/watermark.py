@@ -130,27 +130,30 @@ def _capture_triggers(src: psycopg.Connection, spec: MigrationSpec) -> list:
 
 
 def mark(src: psycopg.Connection, spec: MigrationSpec, run_id: str, verified: dict[str, Any],
-         armed_at: list | None) -> dict[str, Any] | None:
-    """After the gate's verify, under its freeze (`src` holds it): record the watermark when the verify found
-    every table equal, repaired nothing and nothing else wrote the target since arm(); else clear it."""
+         armed_at: list | None, snapshot: str) -> dict[str, Any] | None:
+    """After the gate's verify, which compared the source as of `snapshot` (a pg_snapshot) with the target:
+    record the watermark when every table was equal, nothing was repaired and nothing else wrote the target
+    since arm(); else clear it. Every change after the gate is an op `snapshot` does not see."""
     clean = verified.get("checksum_ok") and not any(r.get("repaired_rows") for r in verified["tables"].values())
     with db.target(spec) as tgt:
         mark_ = None
         if clean and armed_at is not None and _armed(tgt, spec) and _position(tgt) == armed_at:
             op_id = src.execute("SELECT coalesce(max(op_id), 0) FROM dbguard.change_ledger WHERE migration = %s "
                                 "AND direction = 'forward'", (spec.name,)).fetchone()[0]
-            mark_ = {"op_id": int(op_id), "foreign_writes": armed_at, "capture": _capture_triggers(src, spec)}
+            mark_ = {"op_id": int(op_id), "snapshot": snapshot, "foreign_writes": armed_at,
+                     "capture": _capture_triggers(src, spec)}
         ledger.set_metric(tgt, run_id, spec.name, METRIC, mark_)
     return mark_
 
 
-def changed_keys(src: psycopg.Connection, spec: MigrationSpec, op_id: int) -> dict[str, set[tuple[str, ...]]] | None:
-    """table ref -> every key (old and new) the forward ledger changed after `op_id`; None past MAX_KEYS."""
+def changed_keys(src: psycopg.Connection, spec: MigrationSpec, snapshot: str) -> dict[str, set[tuple[str, ...]]] | None:
+    """table ref -> every key (old and new) of the forward ops `snapshot` does not see; None past MAX_KEYS."""
     out: dict[str, set[tuple[str, ...]]] = {t.ref: set() for t in spec.tables}
     n = 0
     with src.cursor(name="dbguard_changed_keys") as cur:
         cur.execute("SELECT table_name, key, old_key FROM dbguard.change_ledger WHERE migration = %s "
-                    "AND direction = 'forward' AND op_id > %s", (spec.name, op_id))
+                    "AND direction = 'forward' AND source_xid >= pg_snapshot_xmin(%s::pg_snapshot) "
+                    "AND NOT pg_visible_in_snapshot(source_xid, %s::pg_snapshot)", (spec.name, snapshot, snapshot))
         for table, key, old in cur:
             for k in (key, old):
                 if k is not None and table in out:
@@ -180,11 +183,11 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[st
         return None
     with db.target(spec) as tgt:
         mark_ = ledger.metrics(tgt, run_id).get(METRIC)
-        if not mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
+        if not mark_ or "snapshot" not in mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
             return None
     if _capture_triggers(src, spec) != mark_["capture"] or len(mark_["capture"]) != len(spec.tables):
         return None  # capture was off (or disabled) for a while: the ledger may not hold every change
-    keys = changed_keys(src, spec, mark_["op_id"])
+    keys = changed_keys(src, spec, mark_["snapshot"])
     if keys is None:
         return None
     sides = Sides(spec)
