@@ -78,6 +78,22 @@ def _short(cmp: dict) -> dict:
         {"examples": cmp["examples"][:5]} if cmp["examples"] else {})
 
 
+def _sigkill_if(proc, condition: bool) -> bool:
+    """SIGKILL the worker process when `condition` holds and it still runs; wait for it. True if killed."""
+    killed = condition and proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return killed
+
+
+def _reap(proc) -> None:
+    """Never leave a worker behind, whatever happened."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def _range_count(dsn: str, spec: MigrationSpec, r: dict) -> int:
     t = catalog.resolve(spec).table(r["table"])
     with psycopg.connect(dsn) as c:
@@ -130,14 +146,9 @@ def range_sigkill(size: dict) -> dict[str, Any]:
                 if seen:  # let rows stream into the open COPY first (bounded)
                     at_kill = wait_for(lambda: next(iter([r for r in [mon.execute(COPY_IN_PROGRESS).fetchone()]
                                                           if r and r[2] > 0]), None), 5.0) or seen
-            killed = proc.poll() is None and seen is not None
-            if killed:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            killed = _sigkill_if(proc, seen is not None)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            _reap(proc)
         gone = _backend_gone(dsns["target"], seen[0]) if seen else False
         after_kill = _range_count(dsns["target"], spec, victim)
         say(f"range_sigkill: killed={killed} at {at_kill}, range rows before {before}, after the kill {after_kill}")
@@ -552,14 +563,9 @@ def rollback_interrupted(size: dict) -> dict[str, Any]:
             proc.stdin.close()
             with psycopg.connect(dsns["source"], autocommit=True) as mon:
                 held = wait_for(lambda: mon.execute(ROLLBACK_FREEZE).fetchone(), 30, 0.002)
-            killed = held is not None and proc.poll() is None
-            if killed:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            killed = _sigkill_if(proc, held is not None)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            _reap(proc)
         gone = _dbguard_backends_gone(dsns["source"]) and _dbguard_backends_gone(dsns["target"])
         after_kill = one_primary(spec, run, dsns)
         writes_after_kill = _writes_on(w, after_kill["primary"], 1.0)

@@ -113,16 +113,21 @@ def copy_range(spec: MigrationSpec, run_id: str, krange: dict) -> dict[str, Any]
                        planned=planned).to_dict()
 
 
-def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, Any]:
-    tables = {t.ref: reconcile_table(spec, run_id, t) for t in spec.table_order()}
+def _record_tables(spec: MigrationSpec, run_id: str, metric: str, tables: dict[str, dict],
+                   **detail) -> dict[str, Any]:
+    """A whole-table verdict into the ledger: metric `metric` (per table), checksum_ok, migrated_rows, event."""
     ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
     migrated = sum(r["target"]["count"] for r in tables.values())
     with db.target(spec) as tgt:
         ledger.set_metric(tgt, run_id, spec.name, metric, tables, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "checksum_ok", ok, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "migrated_rows", migrated, commit=False)
-        ledger.event(tgt, run_id, spec.name, metric, {"checksum_ok": ok, "migrated_rows": migrated})
+        ledger.event(tgt, run_id, spec.name, metric, {"checksum_ok": ok, "migrated_rows": migrated, **detail})
     return {"checksum_ok": ok, "migrated_rows": migrated, "tables": tables}
+
+
+def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, Any]:
+    return _record_tables(spec, run_id, metric, {t.ref: reconcile_table(spec, run_id, t) for t in spec.table_order()})
 
 
 @_resolved
@@ -181,18 +186,11 @@ def _verify_at_snapshot(spec: MigrationSpec, run_id: str) -> dict[str, Any] | No
                                  "seconds": round(time.monotonic() - ts, 3)}
         finally:
             pool.shutdown()
-        ok = all(r["equal"] and r["orphans"] == 0 for r in tables.values())
-        if not ok:
+        if not all(r["equal"] and r["orphans"] == 0 for r in tables.values()):
             return None
-        migrated = sum(r["target"]["count"] for r in tables.values())
-        out = {"checksum_ok": True, "migrated_rows": migrated, "tables": tables, "mode": "snapshot",
-               "snapshot": snapshot, "seconds": round(time.monotonic() - t0, 3), "drained": d["applied"]}
-        with db.target(spec) as led:
-            ledger.set_metric(led, run_id, spec.name, "final_verify", tables, commit=False)
-            ledger.set_metric(led, run_id, spec.name, "checksum_ok", True, commit=False)
-            ledger.set_metric(led, run_id, spec.name, "migrated_rows", migrated, commit=False)
-            ledger.event(led, run_id, spec.name, "final_verify", {"checksum_ok": True, "migrated_rows": migrated,
-                                                                  "mode": "snapshot", "seconds": out["seconds"]})
+        seconds = round(time.monotonic() - t0, 3)
+        out = {**_record_tables(spec, run_id, "final_verify", tables, mode="snapshot", seconds=seconds),
+               "mode": "snapshot", "snapshot": snapshot, "seconds": seconds, "drained": d["applied"]}
         _gate_verdict(spec, run_id, src, out, armed_at, snapshot)
         src.rollback()
     return out
