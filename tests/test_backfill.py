@@ -150,3 +150,44 @@ def test_orphans_are_counted_per_range(dbpair):
     assert res.orphans == 50
     copy_range(s, "r1", KeyRange("p", 0, None, None))
     assert copy_range(s, "r1", KeyRange("c", 0, None, None)).orphans == 0
+
+
+COPY_OUT = ("COPY (SELECT g, repeat(md5(g::text), 20), ARRAY[g::real, -0.0, 'NaN'] FROM generate_series(1, 5000) g) "
+            "TO STDOUT (FORMAT binary)")
+
+
+def test_copy_out_gives_the_same_bytes_as_psycopg_copy_in_1mb_pieces(dbpair):
+    from dbguard.backfill import WRITE_BATCH_BYTES, copy_out
+    with dbpair.src() as c:
+        with c.cursor().copy(COPY_OUT) as cp:
+            expected = b"".join(bytes(chunk) for chunk in cp)
+        pieces = [bytes(p) for p in copy_out(c, COPY_OUT.encode())]
+        assert b"".join(pieces) == expected and len(expected) > 3 * WRITE_BATCH_BYTES
+        assert all(len(p) < WRITE_BATCH_BYTES + 1000 for p in pieces) and len(pieces) >= 3
+        assert c.execute("SELECT 1").fetchone() == (1,)  # the connection is usable after it
+        early = copy_out(c, COPY_OUT.encode())
+        next(early)
+        early.close()  # a consumer that stops mid-COPY (a target error): the source connection is let go
+        assert c.closed
+
+
+def test_copy_out_raises_the_source_error_mid_stream(dbpair):
+    from dbguard.backfill import copy_out
+    with dbpair.src() as c:
+        q = b"COPY (SELECT 1 / (g - 4000), repeat('x', 500) FROM generate_series(1, 5000) g) TO STDOUT"
+        with pytest.raises(psycopg.errors.DivisionByZero, match="division by zero"):
+            for _ in copy_out(c, q):
+                pass
+
+
+def test_target_refusing_a_row_mid_copy_fails_the_range_and_commits_nothing(dbpair):
+    s = _setup(dbpair, rows=20000)
+    with dbpair.tgt(autocommit=True) as b:  # a target that cannot hold row 15000
+        b.execute("ALTER TABLE t ADD CONSTRAINT no_15000 CHECK (id <> 15000)")
+    with pytest.raises(psycopg.errors.CheckViolation, match="no_15000"):
+        copy_range(s, "r1", KeyRange("t", 0, None, None))
+    with dbpair.tgt(autocommit=True) as b:
+        assert b.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+        assert b.execute("SELECT count(*) FROM dbguard.ranges WHERE status = 'verified'").fetchone()[0] == 0
+        b.execute("ALTER TABLE t DROP CONSTRAINT no_15000")
+    assert copy_range(s, "r1", KeyRange("t", 0, None, None)).ok  # and the retry copies it all

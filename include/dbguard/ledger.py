@@ -117,7 +117,7 @@ def finish_run(conn: psycopg.Connection, run_id: str, migration: str, status: st
 def failure_reasons(conn: psycopg.Connection, run_id: str) -> str | None:
     """The messages every failed stage recorded (events '<stage>_failed'), oldest first; None if none."""
     rows = conn.execute("SELECT stage, detail->>'message' FROM dbguard.events WHERE run_id = %s "
-                        "AND stage LIKE '%%\_failed' ORDER BY id", (run_id,)).fetchall()
+                        r"AND stage LIKE '%%\_failed' ORDER BY id", (run_id,)).fetchall()
     return "\n".join(f"{stage.removesuffix('_failed')}: {msg}" for stage, msg in rows) or None
 
 

@@ -94,11 +94,13 @@ def checksum_exprs(table: Table, column: Column, side: str, tolerance: float = 1
     if not _HASHABLE.match(t) or _TEXT_HASHED.match(t) or (array and _NUMERIC.match(t)):
         return [text]
     if array:
+        # the element hashes ignore bounds: add them where they are not the default [1:n]
+        bounds = sql.SQL("CASE WHEN array_ndims({0}) <> 1 OR array_lower({0}, 1) <> 1 "
+                         "THEN array_dims({0}) END").format(e)
         if _FLOAT.match(t):  # −0 hides as 0: the text of arrays holding a zero only (array_send: 2.5x dearer)
-            return [e, sql.SQL("array_dims({})").format(e),
-                    sql.SQL("CASE WHEN 0 = ANY({0}) THEN ({0})::text END").format(e)]
+            return [e, bounds, sql.SQL("CASE WHEN 0 = ANY({0}) THEN ({0})::text END").format(e)]
         arr = sql.SQL('({}) COLLATE "C"').format(e) if _TEXTLIKE.match(t) else e
-        return [arr, sql.SQL("array_dims({})").format(e)]
+        return [arr, bounds]
     if _TEXTLIKE.match(t):
         return [sql.SQL('({}) COLLATE "C"').format(e)]
     if _FLOAT.match(t):  # −0 = 0 for the hash: add the text of zeros only (cheap)
