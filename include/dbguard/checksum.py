@@ -1,9 +1,7 @@
 """The canonical typed row hash and range checksums, computed inside each database.
 
 Row hash, algorithm "hash_record" (both servers PostgreSQL >= 14, the default):
-h = `hash_record_extended(ROW(canonical columns), 0)`, mixed as `hashint8extended(h, h >> 32)` in range
-sums (64 bits in, the high half as seed: cheaper than mixing h's text) and as
-`hashtextextended(h::text, 0)` per row.
+`hashtextextended(hash_record_extended(ROW(canonical columns), 0)::text, 0)`.
 Each column is hashed by its type's own hash function, which is frozen across
 PostgreSQL versions because hash partitions depend on it: typed and positional
 (so '12'||'3' differs from '1'||'23', NULL from ''), no case folding (text
@@ -11,9 +9,9 @@ under COLLATE "C"), timestamptz as UTC microseconds (session time zones cannot
 matter). Where a type's equality is looser than its text output, what it ignores
 is hashed too (transforms.checksum_exprs): −0 vs 0, 1.10 vs 1.1, array bounds,
 jsonb/json/interval spelling — two values a user would see as different never
-share a checksum. The outer mix matters because hash_record_extended combines
-the column hashes linearly: without it, a table sum could not see two rows
-swapping a value. About 4x cheaper than md5 (measured in bench/).
+share a checksum. The outer hashtextextended mixes the row's hash, which
+hash_record_extended combines linearly: without it, a table sum could not see
+two rows swapping a value. About 4x cheaper than md5 (measured in bench/).
 
 Algorithm "md5" (fallback when a server is older than 14): the first 64 bits
 of md5 over `record_send(ROW(canonical columns))`: typed, length-prefixed,
@@ -61,31 +59,21 @@ def relation(table: Table, side: str) -> sql.Composed:
     return qname(table.schema_, table.name) if side == "source" else qname(table.target_schema, table.target_name)
 
 
-def _record_hash(table: Table, side: str, h: Hashing) -> sql.Composable:
+def row_hash(table: Table, side: str, h: Hashing = Hashing()) -> sql.Composable:
     cols = sql.SQL(", ").join(x for c in table.columns for x in checksum_exprs(table, c, side, h.tolerance,
                                                                                    h.algorithm))
     if h.algorithm == "md5":
         return sql.SQL("('x' || left(md5(record_send(ROW({}))), 16))::bit(64)::bigint").format(cols)
-    return sql.SQL("hash_record_extended(ROW({}), 0)").format(cols)
-
-
-def row_hash(table: Table, side: str, h: Hashing = Hashing()) -> sql.Composable:
-    """One row's hash, for comparing rows key by key."""
-    if h.algorithm == "md5":
-        return _record_hash(table, side, h)
-    return sql.SQL("hashtextextended(({})::text, 0)").format(_record_hash(table, side, h))
+    return sql.SQL("hashtextextended(hash_record_extended(ROW({}), 0)::text, 0)").format(cols)
 
 
 def checksum_query(table: Table, side: str, r: KeyRange | None = None, h: Hashing = Hashing(),
                    where: sql.Composable | None = None) -> sql.Composed:
-    """count + sum of row hashes over the range `r` (None: the whole table), or over the rows `where` selects.
-    The mix reads the record hash twice, so it is computed once in a subquery (OFFSET 0 keeps it one)."""
+    """count + sum of row hashes over the range `r` (None: the whole table), or over the rows `where` selects."""
     if where is None:
         where = predicate(table, r) if r is not None else sql.SQL("true")
-    mix = sql.SQL("h") if h.algorithm == "md5" else sql.SQL("hashint8extended(h, h >> 32)")
-    return sql.SQL("SELECT count(*), coalesce(sum({mix}), 0) FROM (SELECT {h} AS h FROM {t} WHERE {w} "
-                   "OFFSET 0) rows").format(mix=mix, h=_record_hash(table, side, h), t=relation(table, side),
-                                            w=where)
+    return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} WHERE {w}").format(
+        h=row_hash(table, side, h), t=relation(table, side), w=where)
 
 
 def checksum(conn: psycopg.Connection, table: Table, side: str, r: KeyRange | None = None,
