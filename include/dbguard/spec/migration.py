@@ -1,0 +1,109 @@
+"""The whole migration: one MigrationSpec, checked as a whole (names, foreign keys, their order)."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .fields import Ident, _At, _Model
+from .settings import Backfill, Capture, Cutover, Gates, Window
+from .stores import RetrievalSettings
+from .tables import Endpoint, Table, TargetEndpoint
+
+
+class MigrationSpec(_Model):
+    name: Ident = Field(description="the DAG id is dbguard_<name>")
+    description: str = ""
+    source: Endpoint
+    target: TargetEndpoint
+    tables: list[Table] = Field(min_length=1)
+    backfill: Backfill = Field(default_factory=Backfill)
+    gates: Gates = Field(default_factory=Gates)
+    capture: Capture = Field(default_factory=Capture)
+    cutover: Cutover = Field(default_factory=Cutover)
+    window: Window | None = None
+    schedule: str | None = Field(None, description="cron expression or preset such as '@daily'; null = manual")
+    schema_freeze: bool = Field(True, description="block DDL on migrated source tables during the run")
+    rollback_ttl_minutes: float = Field(60, gt=0)
+    run_cutover: bool = Field(False, description="after the gates, flip the application to the target inside the "
+                                                 "window (false: copy, verify and release; the source stays primary)")
+    soak_minutes: float = Field(0, ge=0, le=1440, description="gates must stay green this long before the flip")
+    approval: bool = Field(False, description="a human approves the flip in the UI (CLI: dbguard run --approve)")
+    window_deadline_minutes: float | None = Field(
+        None, gt=0, description="fail when the window does not open within this many minutes after the run reaches "
+                                "wait_for_window; null = wait for the next opening (at most 8 days)")
+    tags: list[str] = Field(default_factory=list)
+    gold: str | None = Field(None, description="gold set (JSONL) for shadow reads; relative paths resolve "
+                                               "against the working directory, then the project root")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+
+    @property
+    def dag_id(self) -> str:
+        return f"dbguard_{self.name}"
+
+    @property
+    def has_stores(self) -> bool:
+        """Vector or search stores: the retrieval stages (indexes, shadow reads, gate) apply."""
+        return any(t.vector or t.search for t in self.tables)
+
+    def table(self, ref: str) -> Table:
+        """The table named by its ref: the bare name (when unique in the spec) or "schema.name"."""
+        for t in self.tables:
+            if t.ref == ref:
+                return t
+        hits = [t for t in self.tables if f"{t.schema_}.{t.name}" == ref] or \
+            [t for t in self.tables if t.name == ref]
+        if len(hits) == 1:
+            return hits[0]
+        raise KeyError(ref)
+
+    def table_order(self) -> list[Table]:
+        """Parents before children (foreign keys), stable otherwise."""
+        done: list[Table] = []
+        pending = list(self.tables)
+        while pending:
+            for t in pending:
+                if all(any(self.table(fk.references) is d for d in [t, *done]) for fk in t.foreign_keys):
+                    done.append(t)
+                    pending.remove(t)
+                    break
+        return done
+
+    @model_validator(mode="after")
+    def _check(self) -> "MigrationSpec":
+        names = [t.name for t in self.tables]
+        qualified = [(t.schema_, t.name) for t in self.tables]
+        for i, n in enumerate(qualified):
+            if n in qualified[:i]:
+                raise _At(("tables", i), f"table {n[1]!r} (schema {n[0]!r}) is listed twice; list each table once")
+        for t in self.tables:  # same name in two schemas: both are referred to as schema.name
+            t._ref = f"{t.schema_}.{t.name}" if names.count(t.name) > 1 else None
+        targets = [(t.target_schema, t.target_name) for t in self.tables]
+        for i, tg in enumerate(targets):
+            if tg in targets[:i]:
+                raise _At(("tables", i, "target"), f"maps to target table {'.'.join(tg)}, like an earlier table; "
+                                                   "set target.schema or target.name")
+        for ti, t in enumerate(self.tables):
+            for fi, fk in enumerate(t.foreign_keys):
+                try:
+                    parent = self.table(fk.references)
+                except KeyError:
+                    raise _At(("tables", ti, "foreign_keys", fi, "references"),
+                              f"{fk.references!r} is not a table of this spec {[t.ref for t in self.tables]}; "
+                              "add that table or drop the foreign key (write schema.name when two tables share "
+                              "a name)") from None
+                bad = [c for c in fk.ref_columns if parent.columns and c not in {c.name for c in parent.columns}]
+                if bad:
+                    raise _At(("tables", ti, "foreign_keys", fi, "ref_columns"),
+                              f"{bad} are not columns of {parent.name!r}")
+        # A foreign-key cycle would make the load order undefined.
+        graph = {t.ref: {self.table(fk.references).ref for fk in t.foreign_keys} - {t.ref} for t in self.tables}
+        seen: set[str] = set()
+        while len(seen) < len(graph):
+            ready = [n for n, deps in graph.items() if n not in seen and deps <= seen]
+            if not ready:
+                raise _At("tables", f"foreign keys form a cycle among {sorted(set(graph) - seen)}; "
+                                    "migrate the cycle's tables without one of its foreign keys")
+            seen.update(ready)
+        if any(t.vector or t.search for t in self.tables) and self.gold is None:
+            raise _At("gold", "a spec with vector or search stores needs a gold set (include/gold/<name>.jsonl) "
+                              "for the retrieval gate")
+        return self
