@@ -530,6 +530,36 @@ def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, mi
     assert_identical(dbpair, spec)
 
 
+def test_reconcile_under_a_writer_compares_at_a_snapshot_and_repairs_nothing(dbpair, migrated):
+    """In-flight application writes are not differences: no bisect, no repair, one comparison."""
+    spec = migrated
+    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    time.sleep(0.5)
+    before = len(w.inserted)
+    out = stages.reconcile(spec, RUN)
+    during = len(w.inserted) - before
+    w.stop()
+    assert (out["mode"], out["checksum_ok"]) == ("snapshot", True), out
+    assert during > 0 and w.errors == [], (during, w.errors[:3])
+    assert all(r["rounds"] == [] and r["repaired_rows"] == 0 for r in out["tables"].values()), out["tables"]
+
+
+def test_reconcile_repairs_a_real_difference_and_only_in_that_table(dbpair, migrated):
+    spec = migrated
+    with dbpair.tgt(autocommit=True) as bad:
+        bad.execute("SELECT set_config('dbguard.applying', 'on', false)")
+        bad.execute("UPDATE shop.orders SET amount = amount + 1 WHERE id = (SELECT min(id) FROM shop.orders)")
+    out = stages.reconcile(spec, RUN)
+    assert out["checksum_ok"] is True, out
+    assert out["tables"]["orders"]["repaired_rows"] == 1 and out["tables"]["orders"]["rounds"]
+    assert out["tables"]["customers"]["rounds"] == []  # equal at the snapshot: not bisected again
+    with dbpair.tgt() as t:
+        modes = t.execute("SELECT detail->>'mode' FROM dbguard.events WHERE run_id = %s AND stage = 'reconcile' "
+                          "ORDER BY id", (RUN,)).fetchall()
+    assert modes[-1] == ("repair",), modes
+    assert_identical(dbpair, spec)
+
+
 def test_a_difference_at_the_gate_is_repaired_under_the_freeze(dbpair, migrated):
     spec = migrated
     with dbpair.tgt(autocommit=True) as bad:

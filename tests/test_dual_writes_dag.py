@@ -49,6 +49,10 @@ def test_writer_during_the_whole_dag_loses_nothing(airflow_db, dbpair, reports):
         gate = b.execute("SELECT detail->>'mode' FROM dbguard.events WHERE run_id = %s AND stage = 'final_verify'",
                          (dag_run.run_id,)).fetchall()
         assert gate == [("snapshot",)], gate
+        # so did reconcile: the writer's in-flight changes were not taken for differences (nothing bisected)
+        rec = b.execute("SELECT detail->>'mode' FROM dbguard.events WHERE run_id = %s AND stage = 'reconcile'",
+                        (dag_run.run_id,)).fetchall()
+        assert rec == [("snapshot",)], rec
         assert len(freezes) == 1 and max(freezes) < 10_000, freezes
         # the writer kept going after the checksum gate: release verified what was applied since, and passed
         verdicts = b.execute("SELECT detail->>'checksum_ok' FROM dbguard.events WHERE run_id = %s "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import psycopg
 from psycopg import sql
@@ -132,10 +133,22 @@ def _reconcile_all(spec: MigrationSpec, run_id: str, metric: str) -> dict[str, A
 
 @_resolved
 def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Whole-table count+checksum, bisection, repair, re-verify, table by table."""
-    if _capturing(spec):
-        capture.drain(spec, run_id)  # what the application wrote meanwhile is not a difference
-    return _reconcile_all(spec, run_id, "reconcile")
+    """Whole-table count+checksum, bisection, repair, re-verify, table by table. With dual writes on, the
+    tables are first compared at one source snapshot (_at_snapshot), so what the application writes meanwhile
+    is never taken for a difference; only a table that differs there is bisected and repaired."""
+    if not _capturing(spec):
+        return _reconcile_all(spec, run_id, "reconcile")
+    t0 = time.monotonic()
+    with _at_snapshot(spec, run_id) as at:
+        tables = _compare_tables(spec, at.src, at.tgt) if at else {}
+    equal = {n: r for n, r in tables.items() if r["equal"] and r["orphans"] == 0}
+    if tables and len(equal) == len(tables):
+        seconds = round(time.monotonic() - t0, 3)
+        return {**_record_tables(spec, run_id, "reconcile", tables, mode="snapshot", seconds=seconds),
+                "mode": "snapshot", "seconds": seconds}
+    capture.drain(spec, run_id)  # what the application wrote meanwhile is not a difference
+    return _record_tables(spec, run_id, "reconcile", {
+        t.ref: equal.get(t.ref) or reconcile_table(spec, run_id, t) for t in spec.table_order()}, mode="repair")
 
 
 def _gate_verdict(spec: MigrationSpec, run_id: str, src, out: dict[str, Any], armed_at, snapshot: str) -> None:
@@ -146,53 +159,79 @@ def _gate_verdict(spec: MigrationSpec, run_id: str, src, out: dict[str, Any], ar
     out["watermark"] = watermark.mark(src, spec, run_id, out, armed_at, snapshot)
 
 
-def _verify_at_snapshot(spec: MigrationSpec, run_id: str) -> dict[str, Any] | None:
-    """The exact comparison without stopping writers: a REPEATABLE READ snapshot S of the source, the applier
-    drained to exactly S (the target then holds the source as of S), a target snapshot taken while the applier
-    is held, and count + checksum + orphans of every table in both snapshots at once. Returns the verdict
-    when every table is equal; None (use the frozen comparison, which repairs) otherwise."""
-    from concurrent.futures import ThreadPoolExecutor
+@dataclass
+class _Snapshots:
+    src: psycopg.Connection  # REPEATABLE READ at snapshot `snapshot`
+    tgt: psycopg.Connection  # REPEATABLE READ, holding the source as of `snapshot`
+    snapshot: str
+    drained: int
 
-    from .backfill import orphan_count
+
+@contextlib.contextmanager
+def _at_snapshot(spec: MigrationSpec, run_id: str) -> Iterator[_Snapshots | None]:
+    """Both sides at one point of the source's history, without stopping writers: a REPEATABLE READ
+    snapshot S of the source, the applier drained to exactly S (the target then holds the source as of S),
+    and a target snapshot taken while the applier is held. None when the applier could not stop at S
+    (a refused op, an earlier window already past S, another drain meanwhile)."""
     from .capture.applier import _fence_key
-    from .checksum import Hashing, checksum
 
-    t0 = time.monotonic()
-    armed_at = watermark.arm(spec, spec.capture.ddl_lock_timeout_ms)
     with db.source(spec) as src, db.target(spec) as hold, db.target(spec) as tgt:
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
         d = capture.drain(spec, run_id, until=snapshot)
         if d["dual_write_fail"] or not d.get("at_snapshot"):
-            return None
+            yield None
+            return
         hold.execute(sql.SQL("SELECT pg_advisory_xact_lock({})").format(_fence_key(spec, "forward")))
         cur = capture.cursor(spec, run_id)
         if cur.get("prev_snapshot") != snapshot or cur.get("cur_snapshot") is not None:
-            return None  # another drain moved the target past S meanwhile
+            yield None  # another drain moved the target past S meanwhile
+            return
         tgt.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         tgt.execute("SELECT 1")  # the target's snapshot: the applier is held until here
         hold.commit()
-        h = Hashing.between(spec, src, tgt)
-        tables, pool = {}, ThreadPoolExecutor(1)
-        try:
-            for t in spec.table_order():
-                ts = time.monotonic()
-                s_ck = pool.submit(checksum, src, t, "source", None, h)
-                g_ck = checksum(tgt, t, "target", None, h)
-                orphans = orphan_count(tgt, spec, t, None)
-                s_ck = s_ck.result()
-                tables[t.ref] = {"table": t.ref, "source": s_ck.to_dict(), "target": g_ck.to_dict(),
-                                 "equal": s_ck == g_ck, "orphans": orphans, "rounds": [], "repaired_rows": 0,
-                                 "seconds": round(time.monotonic() - ts, 3)}
-        finally:
-            pool.shutdown()
+        yield _Snapshots(src, tgt, snapshot, d["applied"])
+        src.rollback()
+
+
+def _compare_tables(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection) -> dict[str, dict]:
+    """count + checksum + orphans of every table on both connections (each side hashing at once), in the
+    shape reconcile_table reports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .backfill import orphan_count
+    from .checksum import Hashing, checksum
+
+    h = Hashing.between(spec, src, tgt)
+    tables = {}
+    with ThreadPoolExecutor(1) as pool:
+        for t in spec.table_order():
+            ts = time.monotonic()
+            s_ck = pool.submit(checksum, src, t, "source", None, h)
+            g_ck = checksum(tgt, t, "target", None, h)
+            orphans = orphan_count(tgt, spec, t, None)
+            s_ck = s_ck.result()
+            tables[t.ref] = {"table": t.ref, "source": s_ck.to_dict(), "target": g_ck.to_dict(),
+                             "equal": s_ck == g_ck, "orphans": orphans, "rounds": [], "repaired_rows": 0,
+                             "seconds": round(time.monotonic() - ts, 3)}
+    return tables
+
+
+def _verify_at_snapshot(spec: MigrationSpec, run_id: str) -> dict[str, Any] | None:
+    """The gate's exact comparison without stopping writers (_at_snapshot). Returns the verdict when every
+    table is equal; None (use the frozen comparison, which repairs) otherwise."""
+    t0 = time.monotonic()
+    armed_at = watermark.arm(spec, spec.capture.ddl_lock_timeout_ms)
+    with _at_snapshot(spec, run_id) as at:
+        if at is None:
+            return None
+        tables = _compare_tables(spec, at.src, at.tgt)
         if not all(r["equal"] and r["orphans"] == 0 for r in tables.values()):
             return None
         seconds = round(time.monotonic() - t0, 3)
         out = {**_record_tables(spec, run_id, "final_verify", tables, mode="snapshot", seconds=seconds),
-               "mode": "snapshot", "snapshot": snapshot, "seconds": seconds, "drained": d["applied"]}
-        _gate_verdict(spec, run_id, src, out, armed_at, snapshot)
-        src.rollback()
+               "mode": "snapshot", "snapshot": at.snapshot, "seconds": seconds, "drained": at.drained}
+        _gate_verdict(spec, run_id, at.src, out, armed_at, at.snapshot)
     return out
 
 
