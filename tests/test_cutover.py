@@ -507,14 +507,20 @@ def test_a_note_trigger_disabled_after_the_gate_gets_the_whole_table_verify(dbpa
         cutover.cutover(spec, RUN)
 
 
-def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, migrated):
-    """No write freeze at the gate: the applier drains to a source snapshot, both sides are compared there."""
-    spec = migrated
+def _while_writing(dbpair, spec, stage):
+    """Run `stage(spec, RUN)` while a pointer-following writer writes; (writer, still running), result, and
+    how many rows the writer inserted meanwhile."""
     w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
     time.sleep(0.5)
     before = len(w.inserted)
-    out = stages.final_verify(spec, RUN)
-    during = len(w.inserted) - before
+    out = stage(spec, RUN)
+    return w, out, len(w.inserted) - before
+
+
+def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, migrated):
+    """No write freeze at the gate: the applier drains to a source snapshot, both sides are compared there."""
+    spec = migrated
+    w, out, during = _while_writing(dbpair, spec, stages.final_verify)
     time.sleep(0.3)
     c = cutover.cutover(spec, RUN)
     time.sleep(0.3)
@@ -533,11 +539,7 @@ def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, mi
 def test_reconcile_under_a_writer_compares_at_a_snapshot_and_repairs_nothing(dbpair, migrated):
     """In-flight application writes are not differences: no bisect, no repair, one comparison."""
     spec = migrated
-    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
-    time.sleep(0.5)
-    before = len(w.inserted)
-    out = stages.reconcile(spec, RUN)
-    during = len(w.inserted) - before
+    w, out, during = _while_writing(dbpair, spec, stages.reconcile)
     w.stop()
     assert (out["mode"], out["checksum_ok"]) == ("snapshot", True), out
     assert during > 0 and w.errors == [], (during, w.errors[:3])
