@@ -546,11 +546,16 @@ def test_reconcile_under_a_writer_compares_at_a_snapshot_and_repairs_nothing(dbp
     assert all(r["rounds"] == [] and r["repaired_rows"] == 0 for r in out["tables"].values()), out["tables"]
 
 
-def test_reconcile_repairs_a_real_difference_and_only_in_that_table(dbpair, migrated):
-    spec = migrated
+def _drift(dbpair, update: str) -> None:
+    """A difference on the target that no note-trigger sees (the session poses as the applier)."""
     with dbpair.tgt(autocommit=True) as bad:
         bad.execute("SELECT set_config('dbguard.applying', 'on', false)")
-        bad.execute("UPDATE shop.orders SET amount = amount + 1 WHERE id = (SELECT min(id) FROM shop.orders)")
+        bad.execute(update)
+
+
+def test_reconcile_repairs_a_real_difference_and_only_in_that_table(dbpair, migrated):
+    spec = migrated
+    _drift(dbpair, "UPDATE shop.orders SET amount = amount + 1 WHERE id = (SELECT min(id) FROM shop.orders)")
     out = stages.reconcile(spec, RUN)
     assert out["checksum_ok"] is True, out
     assert out["tables"]["orders"]["repaired_rows"] == 1 and out["tables"]["orders"]["rounds"]
@@ -564,9 +569,7 @@ def test_reconcile_repairs_a_real_difference_and_only_in_that_table(dbpair, migr
 
 def test_a_difference_at_the_gate_is_repaired_under_the_freeze(dbpair, migrated):
     spec = migrated
-    with dbpair.tgt(autocommit=True) as bad:
-        bad.execute("SELECT set_config('dbguard.applying', 'on', false)")
-        bad.execute("UPDATE shop.customers SET full_name = 'drifted' WHERE id = (SELECT min(id) FROM shop.customers)")
+    _drift(dbpair, "UPDATE shop.customers SET full_name = 'drifted' WHERE id = (SELECT min(id) FROM shop.customers)")
     out = stages.final_verify(spec, RUN)
     assert (out["mode"], out["checksum_ok"]) == ("freeze", True), out
     assert out["tables"]["customers"]["repaired_rows"] == 1 and out["watermark"] is None
