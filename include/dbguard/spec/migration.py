@@ -34,6 +34,11 @@ class MigrationSpec(_Model):
     gold: str | None = Field(None, description="gold set (JSONL) for shadow reads; relative paths resolve "
                                                "against the working directory, then the project root")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    acknowledge: list[str] = Field(
+        default_factory=list,
+        description="what preflight named and you accept, each entry exactly as preflight prints it: "
+                    "'referenced_by schema.table' (a table that is not migrated references a migrated one), "
+                    "'not_reproduced <kind> <name>' (a source object the target will not have)")
 
     @property
     def dag_id(self) -> str:
@@ -43,6 +48,11 @@ class MigrationSpec(_Model):
     def has_stores(self) -> bool:
         """Vector or search stores: the retrieval stages (indexes, shadow reads, gate) apply."""
         return any(t.vector or t.search for t in self.tables)
+
+    def acknowledged(self, entry: str) -> bool:
+        """Preflight's refusals that the spec accepts (`acknowledge:`), compared without case or extra spaces."""
+        norm = " ".join(entry.split()).lower()
+        return any(" ".join(a.split()).lower() == norm for a in self.acknowledge)
 
     def table(self, ref: str) -> Table:
         """The table named by its ref: the bare name (when unique in the spec) or "schema.name"."""
