@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import drop_databases, fresh_databases  # noqa: E402
 from dbguard import capture, db, cutover  # noqa: E402
 from dbguard.cutover import pointer  # noqa: E402
-from dbguard.cutover.round_trip import PointerWriter, differing_rows, migrate  # noqa: E402
+from dbguard.round_trip import PointerWriter, differing_rows, migrate  # noqa: E402
 from dbguard.demo import load_shop  # noqa: E402
 from dbguard.spec import load_spec  # noqa: E402
 

@@ -291,7 +291,7 @@ def _ops_accounting(spec: MigrationSpec, run: str, dsns: dict, direction: str = 
 def applier_terminated_drain(size: dict) -> dict[str, Any]:
     """pg_terminate_backend on the applier's connection in the middle of a drain batch; the next drain
     applies every captured change exactly once."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run = shop_spec(capture={"batch_ops": 20}), "fault-applier-drain"
     with shop_under_writer("applier", size, spec) as (dsns, w):
@@ -355,7 +355,7 @@ def applier_terminated_cutover(size: dict) -> dict[str, Any]:
     """pg_terminate_backend on the applier's connection while the cutover's freeze drains the ledger: the
     cutover undoes itself (source primary, forward capture on) or completes; it is retried; then the target is
     primary and nothing the writer committed is lost."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run = shop_spec(capture={"batch_ops": 20}), "fault-applier-cutover"
     with shop_under_writer("applcut", size, spec) as (dsns, w):
@@ -394,7 +394,7 @@ def freeze_lock_timeout(size: dict) -> dict[str, Any]:
     """A long transaction holds a row of shop.customers: the cutover's freeze lock times out (bounded
     lock_timeout, retries) and the cutover refuses cleanly, the source staying primary; once the blocker ends,
     the cutover succeeds."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run = shop_spec(cutover={"lock_timeout_ms": 300, "retries": 2}), "fault-freeze-lock"
     with shop_under_writer("freeze", size, spec) as (dsns, w):
@@ -439,7 +439,7 @@ def batch_applied_twice(size: dict) -> dict[str, Any]:
     """Ledger batches applied a second time: (a) the replay entry point over already applied op_ids,
     (b) the applier's cursor reset to an earlier state (as a restore of that row would), so the next drain
     applies those batches again. Full row images + in-order replay: nothing doubles, nothing regresses."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run = shop_spec(capture={"batch_ops": 50}), "fault-batch-twice"
     with shop_under_writer("twice", size, spec) as (dsns, w):
@@ -490,7 +490,7 @@ def target_rejects_change(size: dict) -> dict[str, Any]:
     the op id, the checksum gate too (the row differs, the repair is refused as well); nothing passes silently.
     The run is aborted (source primary), the constraint fixed, and a new run onto the same target resumes the
     migration and verifies."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run, run2 = shop_spec(), "fault-rejects-1", "fault-rejects-2"
     with shop_under_writer("rejects", size, spec) as (dsns, w):
@@ -547,7 +547,7 @@ def rollback_interrupted(size: dict) -> dict[str, Any]:
     rollback freeze; run again, it fails at an injected step after the flip back; run a third time, it
     completes. At every point one primary; at the end every write the application made after the cutover is
     on the source."""
-    from dbguard.cutover.round_trip import migrate
+    from dbguard.round_trip import migrate
 
     spec, run = shop_spec(), "fault-rollback"
     with shop_under_writer("rollback", size, spec) as (dsns, w):

@@ -399,7 +399,7 @@ def cmd_demo(args) -> int:
         counts = corpus.load_docs(spec.source.conn_id)
     say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
     if args.which == "round_trip":  # migrate, cut over under a live writer, roll back, compare
-        from .cutover.round_trip import round_trip
+        from .round_trip import round_trip
 
         out = round_trip(spec, f"round_trip_{int(time.time())}", say=say)
         print(json.dumps({k: out[k] for k in ("status", "cutover_ms", "rollback_ms", "writes_after_cutover",

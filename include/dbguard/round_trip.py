@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import db, stages
-from ..errors import DbguardError
-from ..spec import MigrationSpec
+from . import db, stages
+from .errors import DbguardError
+from .spec import MigrationSpec
 
 
 class PointerWriter:
@@ -107,8 +107,8 @@ class PointerWriter:
 
 def differing_rows(spec: MigrationSpec) -> list[tuple[str, tuple]]:
     """(table, key) of every row that differs between source and target (missing, extra or changed)."""
-    from ..checksum import Hashing, relation, row_hash
-    from ..ranges import key_text
+    from .checksum import Hashing, relation, row_hash
+    from .ranges import key_text
 
     out = []
     with db.source(spec) as s, db.target(spec) as t:
@@ -139,11 +139,11 @@ def migrate(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
 
 def round_trip(spec: MigrationSpec, run_id: str, *, seconds: float = 3.0, rate: float = 200,
                say=print) -> dict[str, Any]:
-    from . import cutover, rollback
+    from .cutover import cutover, rollback
 
     w = PointerWriter(spec, rate=rate)
     with db.source(spec) as src:  # the pointer the writer reads exists before capture starts
-        from . import pointer
+        from .cutover import pointer
         pointer.prepare(src, spec)
         src.commit()
     w.start()
