@@ -9,7 +9,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import DbguardError
+from ..files import FileRefused, read_capped
 from ..spec import MigrationSpec
+
+
+MAX_GOLD_BYTES = 64 << 20  # the demo's 200 queries with 128-dim vectors are 0.9 MB
 
 
 class GoldSetError(DbguardError):
@@ -50,10 +54,19 @@ def _vec(path: str, line: int, name: str, value: Any, dim: int | None) -> np.nda
 def load_gold(path: str | Path, dim: int | None = None) -> list[GoldQuery]:
     """Read and validate a JSONL gold set; any error names the line number and the field."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+    try:  # a regular file under the cap: never a device or a FIFO (reading it would never end)
+        data = read_capped(p, MAX_GOLD_BYTES)
     except FileNotFoundError:
         raise GoldSetError(f"{p}: no such gold set; set gold: in the spec to an existing .jsonl file") from None
+    except (FileRefused, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise GoldSetError(f"{p}: {why}; set gold: in the spec to a JSONL file of at most "
+                           f"{MAX_GOLD_BYTES:,} bytes") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise GoldSetError(f"{p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the gold set as UTF-8") from None
     out: list[GoldQuery] = []
     seen: set[str] = set()
     allowed = {"id", "text", "vector", "anchor", "expected_ids", "paraphrases"}

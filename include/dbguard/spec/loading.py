@@ -1,5 +1,5 @@
-"""YAML in, MigrationSpec out: size and alias-bomb limits, and pydantic's errors turned into
-(field path, how to fix it) pairs."""
+"""YAML in, MigrationSpec out: a regular file under a size cap, no alias bomb, no duplicate key, no
+absurd nesting; pydantic's errors turned into (field path, how to fix it) pairs."""
 from __future__ import annotations
 
 import difflib
@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError
+from ..files import FileRefused, read_capped
 from .fields import _At
 from .migration import MigrationSpec
 
@@ -110,54 +111,96 @@ def parse_spec(raw: Any, path: str = "<spec>") -> MigrationSpec:
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_NODES = 100_000  # YAML values after expanding aliases; a real spec has a few thousand
+MAX_SPEC_DEPTH = 64  # nested mappings/lists; a real spec nests about 6 deep
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: yaml.Node, again: yaml.Node):
+        super().__init__(f"key {key!r} given twice (first on line {first.start_mark.line + 1}); YAML would keep "
+                         "only the last one silently: remove one")
+        self.problem_mark = again.start_mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one silently, so a
+    second `name:` would rename the migration). Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if first is not key_node:
+                    raise _DuplicateKey(key, first, key_node)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _expanded_nodes(text: str) -> int:
     """How many values the YAML holds once aliases are expanded, counted without expanding them
-    (a "billion laughs" file is a few lines that expand to 10^9 values)."""
+    (a "billion laughs" file is a few lines that expand to 10^9 values); _TooDeep past MAX_SPEC_DEPTH."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     sizes: dict[int, int] = {}
 
-    def size(node) -> int:
+    def size(node, depth: int) -> int:
+        if depth > MAX_SPEC_DEPTH:
+            raise _TooDeep
         if id(node) in sizes:
             return sizes[id(node)]
         sizes[id(node)] = 1  # a cycle counts once
         kids = node.value if isinstance(node, yaml.SequenceNode) else \
             [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else []
-        n = 1 + sum(size(k) for k in kids)
+        n = 1 + sum(size(k, depth + 1) for k in kids)
         sizes[id(node)] = n
         return n
 
-    return size(root) if root is not None else 0
+    return size(root, 0) if root is not None else 0
 
 
 def load_spec(path: str | Path) -> MigrationSpec:
     p = Path(path)
-    if p.is_dir():
-        raise SpecError(str(p), [("(file)", "is a directory; pass the path of one migration YAML file, "
-                                            "e.g. include/migrations/demo_shop.yaml")])
-    try:
-        data = p.read_bytes()
+
+    def refuse(where: str, msg: str) -> SpecError:
+        return SpecError(str(p), [(where, msg)])
+
+    try:  # a regular file of at most the cap: never read a device or a FIFO (it would never end)
+        data = read_capped(p, MAX_SPEC_BYTES)
     except FileNotFoundError:
-        raise SpecError(str(p), [("(file)", "no such file; pass the path of a migration YAML")]) from None
+        raise refuse("(file)", "no such file; pass the path of a migration YAML") from None
+    except IsADirectoryError:
+        raise refuse("(file)", "is a directory; pass the path of one migration YAML file, "
+                               "e.g. include/migrations/demo_shop.yaml") from None
+    except FileRefused as e:
+        raise refuse("(file)", f"{e}; pass the path of one migration YAML file (at most {MAX_SPEC_BYTES:,} bytes)") \
+            from None
     except OSError as e:
-        raise SpecError(str(p), [("(file)", f"cannot read it ({e.strerror}); check the path and permissions")]) from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(str(p), [("(file)", f"{len(data)} bytes is not a migration spec (limit {MAX_SPEC_BYTES}); "
-                                            "pass the YAML spec, not a data file")])
+        raise refuse("(file)", f"cannot read it ({e.strerror}); check the path and permissions") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise SpecError(str(p), [(f"line {line}", f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                                                  "save the spec as UTF-8")]) from None
+        raise refuse(f"line {line}", f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                                     "save the spec as UTF-8") from None
     try:
         if (n := _expanded_nodes(text)) > MAX_SPEC_NODES:
-            raise SpecError(str(p), [("(file)", f"expands to {n:,} values through YAML aliases (*name), more than "
-                                                f"{MAX_SPEC_NODES:,}: an alias bomb, not a spec; write values out")])
-        raw = yaml.safe_load(text)
+            raise refuse("(file)", f"expands to {n:,} values through YAML aliases (*name), more than "
+                                   f"{MAX_SPEC_NODES:,}: an alias bomb, not a spec; write values out")
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except (_TooDeep, RecursionError):
+        raise refuse("(file)", f"values nested more than {MAX_SPEC_DEPTH} deep (lists or mappings inside each "
+                               "other): not a spec; a spec nests about 6 deep") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        raise SpecError(str(p), [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+        problem = str(e) if isinstance(e, _DuplicateKey) else f"not valid YAML: {getattr(e, 'problem', e)}"
+        raise refuse(where, problem) from None
     return parse_spec(raw, str(p))
