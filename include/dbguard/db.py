@@ -56,6 +56,7 @@ def env_var(conn_id: str) -> str:
 def dsn_for(conn_id: str) -> str:
     """Resolve a conn_id (or pass a DSN through) to a libpq URI."""
     if "://" in conn_id or "=" in conn_id:
+        _check_utf8(None, conn_id)
         return conn_id
     uri = os.environ.get(env_var(conn_id))
     if not uri and _resolver is not None:
@@ -70,14 +71,29 @@ def dsn_for(conn_id: str) -> str:
     if _masker is not None:
         for secret in secrets_in(uri):
             _masker(secret)
+    _check_utf8(conn_id, uri)
     return uri
+
+
+def _check_utf8(conn_id: str | None, uri: str) -> None:
+    """psycopg decodes every conninfo value as UTF-8 (a UnicodeDecodeError, not a psycopg error, when a
+    %-escape such as %ff decodes to other bytes): refuse such a URI by its conn id, not printing it."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(uri)
+    except UnicodeDecodeError:
+        where = (f"connection {conn_id!r}: a %-escape in its URI ({env_var(conn_id)} or the Airflow connection)"
+                 if conn_id else "a %-escape in the connection URI")
+        raise ConnectionFailed(f"{where} decodes to bytes that are not UTF-8; write a literal % as %25 and other "
+                               "characters as the %-escapes of their UTF-8 bytes") from None
+    except psycopg.ProgrammingError:
+        pass  # malformed otherwise: connect() says so, without the password
 
 
 def redact(dsn: str) -> str:
     """A DSN safe to print: user@host:port/dbname, never the password."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
+    except (psycopg.ProgrammingError, UnicodeDecodeError):
         return "<unparseable connection URI>"
     host = info.get("host", "")
     return f"{info.get('user', '')}@{host or 'localhost'}:{info.get('port', '5432')}/{info.get('dbname', '')}"
