@@ -23,6 +23,8 @@ shadow_reads / retrieval_gate after checksum_gate, cutover after those);
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +217,57 @@ def timetable(spec: MigrationSpec):
     return CronTriggerTimetable(spec.window.cron(), timezone=spec.window.timezone)
 
 
+def run_params(spec: MigrationSpec) -> dict[str, Param]:
+    """The run conf a migration DAG takes (the trigger form in the UI, `dbguard run --conf`)."""
+    return {
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Preflight checks only (contract, privileges, headroom); nothing is written"),
+        "batch_rows": Param(None, type=["null", "integer"], minimum=100, maximum=10_000_000, title="Rows per key range",
+                            description=f"Overrides backfill.batch_rows for this run (spec: {spec.backfill.batch_rows}); "
+                                        "each range is one mapped copy task"),
+        **({"skip_cutover": Param(False, type="boolean", title="Skip cutover",
+                              description="Copy and verify only; the source stays the primary (no flip)"),
+            "approve": Param(None, type=["null", "boolean"], title="Approve the flip",
+                             description="true: approved up front; false: refused; empty: ask in the UI "
+                                         "(Required Actions) before the flip")}
+           if spec.run_cutover else {}),
+    }
+
+
+def conf_problems(spec: MigrationSpec, conf: dict) -> list[str]:
+    """What dag.test() would refuse in `conf` (with a 47-line ParamValidationError traceback), said up front:
+    each key the DAG has no Param for, each value its Param does not accept, with what it does accept."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params, out = run_params(spec), []
+    for key, value in conf.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1)
+            out.append(f"--conf {key}: unknown key{f'; did you mean {close[0]!r}?' if close else ''} "
+                       f"(this DAG takes {', '.join(sorted(params))})")
+            continue
+        try:
+            params[key].resolve(value)
+        except ParamValidationError as e:
+            out.append(f"--conf {key}={json.dumps(value)}: {str(e).splitlines()[0]}; "
+                       f"give {_accepts(params[key].schema)}")
+    return out
+
+
+def _accepts(schema: dict) -> str:
+    """A Param's JSON schema in words: 'an integer 100..10000000 or null'."""
+    words = {"null": "null", "boolean": "true or false", "string": "a string", "number": "a number",
+             "integer": "an integer"}
+    types = schema.get("type", [])
+    out = []
+    for t in [types] if isinstance(types, str) else types:
+        w = words.get(t, t)
+        if t in ("integer", "number") and ("minimum" in schema or "maximum" in schema):
+            w += f" {schema.get('minimum', '')}..{schema.get('maximum', '')}"
+        out.append(w)
+    return " or ".join(sorted(out, key=lambda w: w == "null")) or json.dumps(schema)
+
+
 def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None = None) -> DAG:
     """The DAG for one spec file (raises SpecError when the spec is invalid); builders default to STAGES."""
     path = str(Path(spec_path).resolve())
@@ -224,19 +277,7 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
         max_active_runs=1, tags=["dbguard", *spec.tags], doc_md=_doc_md(spec, path),
         description=spec.description or f"dbguard migration {spec.name}",
         default_args={"owner": "dbguard"},
-        params={
-            "dry_run": Param(False, type="boolean", title="Dry run",
-                             description="Preflight checks only (contract, privileges, headroom); nothing is written"),
-            "batch_rows": Param(None, type=["null", "integer"], minimum=100, maximum=10_000_000, title="Rows per key range",
-                                description=f"Overrides backfill.batch_rows for this run (spec: {spec.backfill.batch_rows}); "
-                                            "each range is one mapped copy task"),
-            **({"skip_cutover": Param(False, type="boolean", title="Skip cutover",
-                                  description="Copy and verify only; the source stays the primary (no flip)"),
-                "approve": Param(None, type=["null", "boolean"], title="Approve the flip",
-                                 description="true: approved up front; false: refused; empty: ask in the UI "
-                                             "(Required Actions) before the flip")}
-               if spec.run_cutover else {}),
-        },
+        params=run_params(spec),
     )
     with dag:
         b = Build(spec, path, dag)
