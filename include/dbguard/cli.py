@@ -150,7 +150,13 @@ def undefined_connections(spec: MigrationSpec) -> list[tuple[str, str]]:
     default, not an Airflow connection (asked only when the first two miss, since it imports Airflow)."""
     problems = []
     for field, conn_id in (("source.conn_id", spec.source.conn_id), ("target.conn_id", spec.target.conn_id)):
-        if os.environ.get(db.env_var(conn_id)) or conn_id in embedded.DEFAULT_CONN_IDS:
+        if os.environ.get(db.env_var(conn_id)):
+            try:  # a URI psycopg cannot decode is refused here, by its conn id
+                db.dsn_for(conn_id)
+            except DbguardError as e:
+                problems.append((field, str(e)))
+            continue
+        if conn_id in embedded.DEFAULT_CONN_IDS:
             continue
         from .airflow import env
 
@@ -179,6 +185,10 @@ def cmd_validate(args) -> int:
     spec = _load(args.spec)
     if problems := undefined_connections(spec) + gold_problems(spec):
         raise SpecError(args.spec, problems)
+    from .spec.lookalikes import suspicious_names
+
+    for field, why in suspicious_names(spec):
+        say(f"warning: {field}: {why}")
     print(f"{args.spec}: valid. migration {spec.name!r} (DAG {spec.dag_id}), "
           f"{spec.source.conn_id} -> {spec.target.conn_id}, tables: "
           + ", ".join(f"{t.schema_}.{t.name}" for t in spec.table_order()))
@@ -243,7 +253,8 @@ def _conf(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"dbguard: --conf expects key=value, got {pair!r}")
+            print(f"dbguard: --conf expects key=value, got {pair!r}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE)
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -351,11 +362,23 @@ def preflight_refusal(spec: MigrationSpec) -> str | None:
 
 def cmd_run(args) -> int:
     spec = _load(args.spec)  # a bad spec exits 2 before anything starts
+    conf = _conf(args.conf or [])
+    if conf:  # checked against the DAG's Params before any database is touched (dag.test() would raise)
+        from .airflow import env
+
+        env.airflow_defaults()  # before Airflow's first import reads its configuration
+        from .airflow import dag_factory
+
+        if problems := dag_factory.conf_problems(spec, conf):
+            for p in problems:
+                say(p)
+            print(ledger.result_line({"migration": spec.name, "status": "failed", "reason": "; ".join(problems)}),
+                  flush=True)
+            return EXIT_USAGE
     if not args.dry_run and (reason := preflight_refusal(spec)):
         say(reason)
         print(ledger.result_line({"migration": spec.name, "status": "failed", "reason": reason}), flush=True)
         return EXIT_USAGE
-    conf = _conf(args.conf or [])
     if args.dry_run:
         conf["dry_run"] = True
     if args.batch_rows:
