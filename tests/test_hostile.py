@@ -8,6 +8,10 @@ contradicts the spec). Source and target are compared before and after, a refuse
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +42,9 @@ CREATE TABLE hostile.ragged (id bigint PRIMARY KEY, emb real[]);
 INSERT INTO hostile.ragged VALUES (1, '{1,0,0}'), (2, '{1,0,0,0}');
 CREATE ROLE hostile_noprivs LOGIN;
 """
+
+
+BAD_ESCAPE_URI = "postgresql://app:%ff%fe@127.0.0.1:1/shop"  # %ff%fe: bytes that are not UTF-8
 
 
 def _snapshot(dsn: str) -> dict:
@@ -77,6 +84,7 @@ def test_the_catalogue_is_big_and_every_file_is_listed():
 @pytest.mark.parametrize("name", sorted(n for n, c in EXPECT.items() if c["command"] == "validate"))
 def test_validate_refuses(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("AIRFLOW_CONN_HOSTILE_BADESCAPE", BAD_ESCAPE_URI)
     assert cli.main(["validate", str(HOSTILE / name)]) == 2
     err = capsys.readouterr().err
     missing = [w for w in EXPECT[name]["expect"] if w not in err]
@@ -112,3 +120,112 @@ def test_a_refused_run_returns_fast_records_why_and_writes_nothing(hostile_env, 
     with hostile_env.tgt() as c:
         status, reason = c.execute("SELECT status, reason FROM dbguard.runs ORDER BY started_at DESC LIMIT 1").fetchone()
     assert status == "refused" and "no such column" in reason
+
+
+# ---- files that are not files, YAML that is not a spec, flags that are not conf ------------------------
+
+def _dbguard(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`dbguard <args>` in a child with 3 GB of address space and a timeout, so that reading /dev/zero to
+    the end fails fast (MemoryError) instead of eating the machine, and a hang is a test failure."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    try:
+        return subprocess.run([sys.executable, "-m", "dbguard.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=limit, cwd=ROOT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"dbguard {' '.join(args)} still ran after {timeout} s (it must refuse at once)")
+
+
+def _refused(out: subprocess.CompletedProcess, *words: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    missing = [w for w in words if w not in out.stderr]
+    assert not missing, f"message lacks {missing}:\n{out.stderr[-2000:]}"
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def test_a_device_or_a_fifo_is_not_a_spec(tmp_path):
+    _refused(_dbguard("validate", "/dev/zero"), "/dev/zero", "character device", "regular file")
+    _refused(_dbguard("validate", str(_fifo(tmp_path / "spec.yaml"))), "spec.yaml", "FIFO", "regular file")
+
+
+def test_a_spec_over_the_cap_is_refused_without_reading_it_all(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# " + b"x" * (2 << 20) + b"\n")
+    _refused(_dbguard("validate", str(big)), "big.yaml", "1,048,576 bytes")
+
+
+def test_a_gold_set_that_is_a_device_or_a_fifo_is_refused(tmp_path):
+    spec = (HOSTILE / "gold_missing.yaml").read_text()
+    for gold in ("/dev/zero", str(_fifo(tmp_path / "gold.jsonl"))):
+        path = tmp_path / "spec.yaml"
+        path.write_text(spec.replace("tests/hostile/no_such_gold.jsonl", gold))
+        _refused(_dbguard("validate", str(path)), "gold", gold, "regular file")
+
+
+@pytest.mark.parametrize("open_, close", [("[", "]"), ("{a: ", "}")])
+def test_yaml_nested_100000_deep_is_refused(tmp_path, capsys, open_, close):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: hostile\nbackfill: " + open_ * 100_000 + "1" + close * 100_000 + "\n")
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nested" in err and "deep" in err and "Traceback" not in err, err[-2000:]
+
+
+def _dead_endpoints(monkeypatch) -> None:
+    """Both conn ids point at a port nobody listens on: whatever touches a database fails loudly."""
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_SOURCE", "postgresql://nobody:pw@127.0.0.1:1/nowhere")
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_TARGET", "postgresql://nobody:pw@127.0.0.1:1/nowhere")
+
+
+@pytest.mark.parametrize("conf, words", [
+    (["batch_rows=-5"], ["--conf batch_rows", "-5", "minimum", "100"]),
+    (["batch_rows=\"many\""], ["--conf batch_rows", "'many'", "integer"]),
+    (["dry_run=3"], ["--conf dry_run", "boolean"]),
+    (["batch_row=500"], ["--conf batch_row", "unknown", "batch_rows", "dry_run"]),
+    (["approve=true"], ["--conf approve", "unknown", "batch_rows, dry_run"]),  # no run_cutover: no approve
+])
+def test_run_refuses_bad_conf_before_touching_a_database(monkeypatch, capsys, conf, words):
+    _dead_endpoints(monkeypatch)
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["run", str(HOSTILE / "unknown_column.yaml"), *[a for c in conf for a in ("--conf", c)]]) == 2
+    out = capsys.readouterr()
+    missing = [w for w in words if w not in out.err]
+    assert not missing, f"message lacks {missing}:\n{out.err[-2000:]}"
+    assert "Traceback" not in out.err and "cannot reach" not in out.err, out.err[-2000:]
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["status"] == "failed" and conf[0].split("=")[0] in result["reason"]
+
+
+def test_a_uri_escape_that_is_not_utf8_names_the_connection(monkeypatch, capsys):
+    _dead_endpoints(monkeypatch)
+    monkeypatch.setenv("AIRFLOW_CONN_HOSTILE_BADESCAPE", BAD_ESCAPE_URI)
+    monkeypatch.chdir(ROOT)
+    for command in ("validate", "plan", "run"):
+        assert cli.main([command, str(HOSTILE / "bad_uri_escape.yaml")]) == 2, command
+        err = capsys.readouterr().err
+        assert "hostile_badescape" in err and "UTF-8" in err and "Traceback" not in err, (command, err[-2000:])
+        assert "%ff" not in err.lower(), "the password must not be printed"
+
+
+def test_lookalike_and_invisible_characters_in_names_are_warned_about(tmp_path, capsys):
+    spec = (HOSTILE / "negative_batch.yaml").read_text().replace("batch_rows: -5", "batch_rows: 500")
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec, encoding="utf-8")
+    assert cli.main(["validate", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err, "a plain spec gets no warning"
+    sneaky = spec.replace("- name: items", "- name: \u0456tems").replace("- name: name", "- name: na\u200bme")
+    path.write_text(sneaky + "# \u0456 in a comment is fine\n", encoding="utf-8")
+    assert cli.main(["validate", str(path)]) == 0  # valid names; a person should still look twice
+    err = capsys.readouterr().err
+    for words in (["tables[\u0456tems]", "U+0456", "CYRILLIC SMALL LETTER BYELORUSSIAN-UKRAINIAN I", "looks like"],
+                  ["columns[na\u200bme]", "U+200B", "ZERO WIDTH SPACE", "invisible"]):
+        assert all(w in err for w in words), (words, err)
+    path.write_text(spec.replace("- name: name", "- name: \u0437\u0430\u043a\u0430\u0437\u044b"), encoding="utf-8")
+    assert cli.main(["validate", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err, "an all-Cyrillic word that looks like no Latin one is fine"
