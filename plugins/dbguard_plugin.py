@@ -7,8 +7,10 @@ report" on a DAG run ({DAG_ID}/{RUN_ID} are filled in by the UI).
 
 Only a logged-in Airflow user gets anything: every route requires the same JWT the UI uses (its `_token`
 cookie, or an `Authorization: Bearer` header), checked by Airflow's auth manager; a report also needs read
-access to its DAG's runs. A requested file is resolved and must lie inside the reports folder (no `..`,
-encoded or not, no absolute path, no symlink out), and only report files are served.
+access to its DAG's runs; FastAPI's own /docs, /redoc and /openapi.json (which no dependency guards) are
+off. A requested file is resolved and must lie inside the reports folder (no `..`, encoded or not, no
+absolute path, no symlink out), and only report files are served; the index reads a run's JSON on the same
+terms (a page or JSON reached through a symlink out of the folder is not listed).
 """
 from __future__ import annotations
 
@@ -24,12 +26,16 @@ from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_vi
 from airflow.plugins_manager import AirflowPlugin
 
 from dbguard.airflow.links import ReportLink
+from dbguard.files import FileRefused, read_capped
 from dbguard.report import report_dir
 
 SERVED = (".html", ".json", ".md", ".log", ".jsonl")  # the page and what it links to
 GATES = ("status", "migrated_rows", "checksum_ok", "dual_write_fail", "delta_s_diff", "lambda_state", "cutover_ms")
 
-app = FastAPI(title="dbguard reports", dependencies=[Depends(requires_access_view(AccessView.WEBSITE))])
+MAX_RESULT_BYTES = 4 << 20  # a run's JSON is a few KB
+# docs_url/redoc_url/openapi_url: FastAPI serves those routes outside `dependencies`, so to anyone: off.
+app = FastAPI(title="dbguard reports", dependencies=[Depends(requires_access_view(AccessView.WEBSITE))],
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def reports_root() -> Path:
@@ -55,15 +61,25 @@ def _may_read_runs(user, dag_id: str) -> bool:
                                                 details=DagDetails(id=dag_id), user=user)
 
 
+def _within(root: Path, path: Path) -> bool:
+    """path is a regular file that resolves inside root (a symlink out of the folder does not count)."""
+    try:
+        real = path.resolve()
+    except (OSError, ValueError):
+        return False
+    return real.is_relative_to(root) and real != root and real.is_file()
+
+
 def _runs(root: Path, dag_id: str | None) -> list[tuple[Path, dict]]:
     if not root.is_dir():
         return []
-    pages = [p for p in root.glob("*/*.html") if dag_id in (None, p.parent.name)]
+    pages = [p for p in root.glob("*/*.html") if dag_id in (None, p.parent.name) and _within(root, p)]
     out = []
     for page in sorted(pages, key=lambda f: f.stat().st_mtime, reverse=True):
+        data = page.with_suffix(".json")
         try:
-            result = json.loads(page.with_suffix(".json").read_text())
-        except (OSError, ValueError):
+            result = json.loads(read_capped(data, MAX_RESULT_BYTES)) if _within(root, data) else {}
+        except (OSError, ValueError, FileRefused):  # FileRefused: swapped for a FIFO or grown past the cap
             result = {}
         out.append((page, result.get("result", result) if isinstance(result, dict) else {}))
     return out

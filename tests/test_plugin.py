@@ -22,6 +22,14 @@ def client(tmp_path, monkeypatch, airflow_db):
     (reports / "dbguard_x" / "run1.incident.md").write_text("# incident")
     (tmp_path / "secret.html").write_text("SECRET one folder up")
     (reports / "dbguard_x" / "link.html").symlink_to(tmp_path / "secret.html")
+    # A run whose JSON is a symlink out of the folder, and a DAG folder that is one: the index reads neither.
+    (tmp_path / "secret.json").write_text(json.dumps({"result": {"status": "LEAKED-STATUS", "cutover_ms": 31337}}))
+    (reports / "dbguard_x" / "run2.html").write_text("<html>run 2</html>")
+    (reports / "dbguard_x" / "run2.json").symlink_to(tmp_path / "secret.json")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "run3.html").write_text("<html>outside</html>")
+    (tmp_path / "elsewhere" / "run3.json").write_text(json.dumps({"result": {"status": "LEAKED-DIR"}}))
+    (reports / "dbguard_y").symlink_to(tmp_path / "elsewhere")
     monkeypatch.setenv("DBGUARD_REPORT_DIR", str(reports))
     from airflow.api_fastapi.app import create_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
@@ -37,10 +45,11 @@ def client(tmp_path, monkeypatch, airflow_db):
 
 def test_unauthenticated_requests_are_refused(client):
     c, _, _ = client
-    for url in ("/", "/report/dbguard_x/run1.html"):
+    for url in ("/", "/report/dbguard_x/run1.html", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         r = c.get(url)
-        assert r.status_code in (401, 403), (url, r.status_code)
-        assert "the report" not in r.text
+        assert r.status_code in ((401, 403) if url.startswith(("/report", "/?")) or url == "/" else (401, 403, 404)), \
+            (url, r.status_code)
+        assert "the report" not in r.text and "openapi" not in r.text.lower(), url
     r = c.get("/", headers={"Authorization": "Bearer not-a-token"})
     assert r.status_code in (401, 403)
 
@@ -65,3 +74,11 @@ def test_no_request_reads_outside_the_reports_folder(client, url):
     r = c.get(url, headers=auth)
     assert "SECRET" not in r.text and "root:" not in r.text
     assert r.status_code in (400, 404, 405), (url, r.status_code)
+
+
+def test_the_index_reads_no_run_json_through_a_symlink(client):
+    c, auth, _ = client
+    page = c.get("/", headers=auth).text
+    assert "run1" in page and "cutover" in page
+    assert "LEAKED" not in page and "31337" not in page, "the index followed a symlink out of the reports folder"
+    assert "run3" not in page, "a DAG folder that is a symlink out is not listed"
