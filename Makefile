@@ -83,11 +83,13 @@ faults: $(VENV_STAMP) $(AIRFLOW_STAMP)
 # `dbguard embedded` starts the two embedded servers and prints
 # `export AIRFLOW_CONN_DBGUARD_SOURCE=...` lines for them.
 # The UI listens on localhost only; `make airflow HOST=0.0.0.0` exposes it (then use a real auth manager).
+# dbguard.airflow.standalone is `airflow standalone` without the task-log servers, which Airflow binds to
+# every interface (:8793/:8794, not configurable); the UI reads the task logs from .airflow/logs instead.
 HOST ?= 127.0.0.1
 airflow: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	conns="$$($(BIN)/dbguard embedded)"; eval "$$conns"; \
 	export PATH="$(CURDIR)/$(BIN):$$PATH" AIRFLOW__API__HOST="$(HOST)"; \
-	exec $(BIN)/airflow standalone
+	exec $(BIN)/python -m dbguard.airflow.standalone
 
 # The embedded servers keep running between commands; stop each one (fast
 # shutdown of its own postmaster, found in postmaster.pid) before deleting its data.

@@ -7,6 +7,7 @@ contradicts the spec). Source and target are compared before and after, a refuse
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -229,3 +230,82 @@ def test_lookalike_and_invisible_characters_in_names_are_warned_about(tmp_path, 
     path.write_text(spec.replace("- name: name", "- name: \u0437\u0430\u043a\u0430\u0437\u044b"), encoding="utf-8")
     assert cli.main(["validate", str(path)]) == 0
     assert "warning" not in capsys.readouterr().err, "an all-Cyrillic word that looks like no Latin one is fine"
+
+
+# ---- make airflow listens on localhost only ------------------------------------------------------------
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _listening_addresses(cmd: list[str], tmp_path: Path, timeout: float = 300) -> set[tuple[str, int]]:
+    """Start `cmd` (an `airflow standalone`) in a throwaway home on a free 127.0.0.1 port, wait until it says
+    it is ready (scheduler, dag-processor and triggerer heartbeating), and return every TCP address its
+    process tree listens on. Stops the tree by PID (its own process group) whatever happens."""
+    import shutil
+    import signal
+    import sqlite3
+
+    import psutil
+
+    from dbguard.airflow.stack import free_port
+
+    home, empty = tmp_path / "home", tmp_path / "empty"
+    home.mkdir()
+    empty.mkdir()
+    with sqlite3.connect(Path(os.environ["AIRFLOW_HOME"]) / "airflow.db") as src, \
+            sqlite3.connect(home / "airflow.db") as dst:
+        src.backup(dst)  # an already migrated metadata DB: standalone starts in seconds
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}, "AIRFLOW_HOME": str(home),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(empty), "AIRFLOW__CORE__PLUGINS_FOLDER": str(empty),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__API__HOST": "127.0.0.1",
+           "AIRFLOW__API__PORT": str(port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = home / "standalone.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not ("Airflow is ready" in log.read_text(errors="replace") and _accepts(port)):
+            assert proc.poll() is None, f"standalone exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"standalone not ready after {timeout} s: {log.read_text()[-3000:]}"
+            time.sleep(2)
+        time.sleep(5)  # the log servers start with their component, well before it heartbeats
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        found = set()
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
+                          if c.status == psutil.CONN_LISTEN}
+        assert (("127.0.0.1", port)) in found, (found, log.read_text()[-3000:])
+        return found
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in [*tree, *(psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else [])]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_make_airflow_listens_on_localhost_only(tmp_path):
+    """`make airflow` runs `python -m dbguard.airflow.standalone`: the UI on 127.0.0.1 and no task-log server
+    (plain `airflow standalone` also listens on [::]:8793 and :8794 for them)."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m dbguard.airflow.standalone" in makefile and "airflow standalone\n" not in makefile
+    found = _listening_addresses([sys.executable, "-m", "dbguard.airflow.standalone"], tmp_path)
+    exposed = {(ip, port) for ip, port in found if ip not in ("127.0.0.1", "::1")}
+    assert not exposed, f"listening beyond localhost: {sorted(exposed)}"
