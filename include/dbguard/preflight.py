@@ -5,8 +5,9 @@ exist on the source, keys unique), privileges on both sides with the exact
 GRANT that is missing, connection headroom, target database encoding and
 collation, existing target tables matching the spec.
 apply: create the target database/schemas/tables with explicit encoding,
-collation and types; freeze the source schema (event trigger blocking DDL on
-the migrated tables); open the run in the ledger.
+collation and types; freeze the source schema (event triggers blocking DDL on
+the migrated tables and their partitions, see schema_freeze); open the run in
+the ledger.
 undo (`release_freeze`): drop the freeze for this run; the event trigger goes
 when no run holds a freeze any more.
 """
@@ -18,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from . import catalog, db, ledger, retrieval, target_schema
+from .schema_freeze import freeze, release_freeze  # noqa: F401  (callers use preflight.release_freeze)
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
@@ -326,74 +328,6 @@ def _create_database(spec: MigrationSpec) -> bool:
             sql.Identifier(tgt.database), sql.Literal(tgt.encoding), sql.Literal(tgt.collation),
             sql.Literal(tgt.ctype)))
     return True
-
-
-FREEZE_FN = """
-CREATE TABLE IF NOT EXISTS dbguard.frozen (
-    migration text NOT NULL, run_id text NOT NULL, relid oid NOT NULL, relname text NOT NULL,
-    PRIMARY KEY (migration, relid)
-);
-CREATE OR REPLACE FUNCTION dbguard.freeze_guard() RETURNS event_trigger LANGUAGE plpgsql AS $$
-DECLARE r record; f record;
-BEGIN
-  -- dbguard's own DDL (capture triggers) sets this for its transaction only.
-  IF current_setting('dbguard.allow_ddl', true) = 'on' THEN RETURN; END IF;
-  IF TG_EVENT = 'sql_drop' THEN
-    FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
-      SELECT * INTO f FROM dbguard.frozen WHERE relid = r.objid LIMIT 1;
-      IF FOUND THEN
-        RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
-          f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
-      END IF;
-    END LOOP;
-  ELSE
-    FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
-      SELECT * INTO f FROM dbguard.frozen
-       WHERE relid = r.objid OR relid = (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid)
-          OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid)
-       LIMIT 1;
-      IF FOUND THEN
-        RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
-          f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
-      END IF;
-    END LOOP;
-  END IF;
-END $$;
-"""
-
-
-def freeze(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[str]:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.freeze'))")
-    conn.execute("CREATE SCHEMA IF NOT EXISTS dbguard")
-    conn.execute(FREEZE_FN)
-    for ev, name in (("ddl_command_end", "dbguard_freeze_ddl"), ("sql_drop", "dbguard_freeze_drop")):
-        if not conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (name,)).fetchone():
-            conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION dbguard.freeze_guard()").format(
-                sql.Identifier(name), sql.SQL(ev)))
-    frozen = []
-    for t in spec.tables:
-        conn.execute(
-            """INSERT INTO dbguard.frozen (migration, run_id, relid, relname)
-               VALUES (%s, %s, to_regclass(%s), %s)
-               ON CONFLICT (migration, relid) DO UPDATE SET run_id = EXCLUDED.run_id""",
-            (spec.name, run_id, _fq(conn, t.schema_, t.name), f"{t.schema_}.{t.name}"))
-        frozen.append(f"{t.schema_}.{t.name}")
-    conn.commit()
-    return frozen
-
-
-def release_freeze(spec: MigrationSpec) -> int:
-    """Undo `freeze` for this migration; safe to call twice or when nothing was frozen."""
-    with db.source(spec) as conn:
-        if conn.execute("SELECT to_regclass('dbguard.frozen')").fetchone()[0] is None:
-            return 0
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbguard.freeze'))")
-        n = conn.execute("DELETE FROM dbguard.frozen WHERE migration = %s", (spec.name,)).rowcount
-        if not conn.execute("SELECT 1 FROM dbguard.frozen LIMIT 1").fetchone():
-            conn.execute("DROP EVENT TRIGGER IF EXISTS dbguard_freeze_ddl")
-            conn.execute("DROP EVENT TRIGGER IF EXISTS dbguard_freeze_drop")
-        conn.commit()
-        return n
 
 
 def apply(spec: MigrationSpec, run_id: str) -> dict:

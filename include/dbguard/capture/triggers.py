@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import db
+from .. import db, guards
 from ..spec import MigrationSpec, Table
 from . import values
 from .applier import ensure_destination
@@ -141,8 +141,8 @@ def _check_nested_money(origin: psycopg.Connection, r: Route, infos: dict[str, d
 
 
 def _allow_ddl(conn: psycopg.Connection) -> None:
-    # The schema freeze (preflight) lets dbguard's own DDL through when this is set.
-    conn.execute("SELECT set_config('dbguard.allow_ddl', 'on', true)")
+    # The schema freeze (preflight) lets dbguard's own DDL through with this transaction's pass.
+    guards.allow_ddl(conn)
 
 
 # ---- capture_on / capture_off --------------------------------------------------------------------
@@ -201,10 +201,13 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                     src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
                                         "FOR EACH ROW EXECUTE FUNCTION {fn}()").format(
                         trg=trg, rel=rel, fn=db.qname(SCHEMA, function_name(spec, t, direction))))
-                    src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} BEFORE TRUNCATE ON {rel} "
-                                        "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=rel, fn=tfn))
-                    src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
-                                .format(rel=rel, trg=trg, ttrg=ttrg))
+                    # row triggers are cloned to partitions; the statement-level TRUNCATE guard goes on each one
+                    # (TRUNCATE of a partition fires none of the parent's), and ENABLE ALWAYS on every member
+                    for m in guards.members(src, rel):
+                        src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} BEFORE TRUNCATE ON {rel} "
+                                            "FOR EACH STATEMENT EXECUTE FUNCTION {fn}()").format(trg=ttrg, rel=m, fn=tfn))
+                        src.execute(sql.SQL("ALTER TABLE {rel} ENABLE ALWAYS TRIGGER {trg}, ENABLE ALWAYS TRIGGER {ttrg}")
+                                    .format(rel=m, trg=trg, ttrg=ttrg))
                 return src.execute("SELECT capture_snapshot, capture_op_id FROM dbguard.control "
                                    "WHERE migration = %s AND direction = %s", (spec.name, direction)).fetchone()
 

@@ -17,6 +17,9 @@ longer grows with the table. `verify()` returns None — verify whole tables —
 foreign write was noted, the source's capture triggers are not the ones the gate saw (capture was off for a
 while, or disabled), the schema freeze is off, or more than `MAX_KEYS` keys changed.
 
+The note-triggers go on every member of a partitioned table's tree (a write that names a partition fires
+none of the parent's statement triggers), and the capture triggers compared are those of every member.
+
 Undo: `disarm()` drops the triggers (release, after the flip); the counter stays.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import db, ledger
+from .. import db, guards, ledger
 from ..capture.common import LOCK_ERRORS, _name, lock_retrying, trigger_name as capture_trigger_name
 from ..checksum import Checksum, checksum, relation
 from ..spec import MigrationSpec
@@ -52,11 +55,6 @@ def trigger_name(spec: MigrationSpec) -> str:
     return _name("dbguard_writes", spec.name)
 
 
-def _present(tgt: psycopg.Connection, rel: sql.Composed, name: str) -> bool:
-    return tgt.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s)",
-                       (rel.as_string(tgt), name)).fetchone()[0]
-
-
 def _position(tgt: psycopg.Connection) -> list | None:
     """Where the foreign-writes counter stands (a write since then moves it); None when it does not exist."""
     if tgt.execute("SELECT to_regclass('dbguard.foreign_writes')").fetchone()[0] is None:
@@ -66,11 +64,7 @@ def _position(tgt: psycopg.Connection) -> list | None:
 
 def _armed(tgt: psycopg.Connection, spec: MigrationSpec) -> bool:
     """Every target table has its note-trigger, enabled ALWAYS (a disabled one would have missed writes)."""
-    name = trigger_name(spec)
-    return all(tgt.execute("SELECT to_regclass(%s)", (relation(t, "target").as_string(tgt),)).fetchone()[0]
-               and tgt.execute("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s "
-                               "AND tgenabled = 'A')", (relation(t, "target").as_string(tgt), name)).fetchone()[0]
-               for t in spec.tables)
+    return all(guards.has_trigger(tgt, relation(t, "target"), trigger_name(spec), always=True) for t in spec.tables)
 
 
 def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
@@ -82,11 +76,8 @@ def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
         tgt.execute(FUNCTION)
         for t in spec.tables:
             rel = relation(t, "target")
-            if not _present(tgt, rel, name):
-                tgt.execute(sql.SQL("CREATE TRIGGER {n} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {r} "
-                                    "FOR EACH STATEMENT EXECUTE FUNCTION dbguard.dbguard_note_write()").format(
-                    n=sql.Identifier(name), r=rel))
-            tgt.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(rel, sql.Identifier(name)))
+            guards.create_statement_trigger(tgt, rel, name, "AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE",
+                                            sql.SQL("dbguard.dbguard_note_write()"))
             # wait for the target's writers in flight (the verify after us sees them) and read the counter
             # before any later writer can move it
             tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
@@ -112,21 +103,20 @@ def disarm(spec: MigrationSpec) -> None:
             rel = relation(t, "target")
 
             def drop() -> None:
-                if (tgt.execute("SELECT to_regclass(%s)", (rel.as_string(tgt),)).fetchone()[0]
-                        and _present(tgt, rel, name)):
-                    tgt.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name), rel))
+                guards.drop_trigger(tgt, rel, name)
 
             lock_retrying(tgt, spec.capture.ddl_lock_timeout_ms, drop)
             tgt.commit()
 
 
 def _capture_triggers(src: psycopg.Connection, spec: MigrationSpec) -> list:
-    """The forward capture triggers on the source tables as [oid, tgenabled]: capture turned off and on again
-    (dropped and re-created triggers) or disabled since the gate shows as a change."""
+    """The forward capture triggers on the source tables and every partition of theirs as [oid, tgenabled]:
+    capture turned off and on again (dropped and re-created triggers) or disabled since the gate, on any
+    partition, shows as a change."""
     name = capture_trigger_name(spec, "forward")
     return [list(r) for r in src.execute(
-        "SELECT t.oid::bigint, t.tgenabled::text FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = ANY(%s::regclass[]) "
-        "ORDER BY 1", (name, [relation(t, "source").as_string(src) for t in spec.tables]))]
+        "SELECT t.oid::bigint, t.tgenabled::text FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = ANY(%s::oid[]) "
+        "ORDER BY 1", (name, guards.oids(src, [relation(t, "source") for t in spec.tables])))]
 
 
 def mark(src: psycopg.Connection, spec: MigrationSpec, run_id: str, verified: dict[str, Any],
@@ -185,7 +175,8 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[st
         mark_ = ledger.metrics(tgt, run_id).get(METRIC)
         if not mark_ or "snapshot" not in mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
             return None
-    if _capture_triggers(src, spec) != mark_["capture"] or len(mark_["capture"]) != len(spec.tables):
+    if (_capture_triggers(src, spec) != mark_["capture"]
+            or len(mark_["capture"]) != len(guards.oids(src, [relation(t, "source") for t in spec.tables]))):
         return None  # capture was off (or disabled) for a while: the ledger may not hold every change
     keys = changed_keys(src, spec, mark_["snapshot"])
     if keys is None:
