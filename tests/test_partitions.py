@@ -194,6 +194,11 @@ def test_schema_freeze_holds_for_partitions_replica_sessions_and_any_role(pair, 
                  "CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2031-01-01') TO ('2032-01-01')",
                  "DROP TABLE events_2023"]:
         _refused(pair.src_dsn, stmt, *frozen)
+    _refused(pair.src_dsn, "ALTER TABLE events_2025 DETACH PARTITION events_2025_all CONCURRENTLY",
+             frozen[0], "DETACH PARTITION CONCURRENTLY is blocked while migration t")
+    with pair.src() as c:  # and its first step did not commit: every row still in the parent's view
+        assert c.execute("SELECT count(*) FROM events").fetchone()[0] == 600
+        assert not c.execute("SELECT bool_or(inhdetachpending) FROM pg_inherits").fetchone()[0]
     # session_replication_role = replica: event triggers fire only when ENABLE ALWAYS
     _refused(pair.src_dsn, "ALTER TABLE events ADD COLUMN x int", *frozen, replica=True)
     _refused(pair.src_dsn, "ALTER TABLE events_2024 ADD CONSTRAINT no_y CHECK (v <> 'y')", *frozen, replica=True)

@@ -4,7 +4,8 @@ them (preflight freezes, release and rollback lift it).
 It must hold against every way in:
 - **partitions**: every member of a migrated table's partition tree is frozen, and DDL on a relation whose
   ancestor is frozen is refused too, so `ALTER TABLE events_2024 ...`, `ATTACH`/`DETACH PARTITION` (DDL on
-  the parent) and `CREATE TABLE ... PARTITION OF` are refused;
+  the parent) and `CREATE TABLE ... PARTITION OF` are refused; `DETACH PARTITION ... CONCURRENTLY`, which
+  commits a first step before any end-of-command check, is refused at its start while any freeze holds;
 - **replica-role sessions**: event triggers are ENABLE ORIGIN by default and do not fire in
   `session_replication_role = replica`; the freeze's are ENABLE ALWAYS;
 - **other roles**: dbguard's own DDL (capture and fence triggers) passes with a row keyed by its transaction
@@ -22,7 +23,8 @@ from . import db
 from .guards import PASS_DDL
 from .spec import MigrationSpec
 
-TRIGGERS = (("ddl_command_end", "dbguard_freeze_ddl"), ("sql_drop", "dbguard_freeze_drop"))
+TRIGGERS = (("ddl_command_end", "dbguard_freeze_ddl"), ("sql_drop", "dbguard_freeze_drop"),
+            ("ddl_command_start", "dbguard_freeze_start"))
 
 FREEZE_FN = PASS_DDL + """
 CREATE TABLE IF NOT EXISTS dbguard.frozen (
@@ -37,6 +39,19 @@ DECLARE r record; f record;
 BEGIN
   -- dbguard's own DDL: its transaction holds a pass only the migration role can write
   IF EXISTS (SELECT 1 FROM dbguard.ddl_pass WHERE xid = pg_current_xact_id()) THEN RETURN; END IF;
+  IF TG_EVENT = 'ddl_command_start' THEN
+    -- DETACH PARTITION CONCURRENTLY commits its first step (the partition's rows leave the parent's view)
+    -- before ddl_command_end could refuse it, and names no object here: refuse it while any freeze holds
+    IF current_query() ~* '\mdetach\s+partition\M.*\m(concurrently|finalize)\M' THEN
+      SELECT * INTO f FROM dbguard.frozen LIMIT 1;
+      IF FOUND THEN
+        RAISE EXCEPTION 'dbguard: DETACH PARTITION CONCURRENTLY is blocked while migration % (run %) freezes tables '
+          'of this database: it commits before the freeze can check the table; run it after the run ends',
+          f.migration, f.run_id USING ERRCODE = 'object_in_use';
+      END IF;
+    END IF;
+    RETURN;
+  END IF;
   IF TG_EVENT = 'sql_drop' THEN
     FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
       SELECT * INTO f FROM dbguard.frozen WHERE relid = r.objid LIMIT 1;
@@ -79,8 +94,9 @@ def freeze(conn: psycopg.Connection, spec: MigrationSpec, run_id: str) -> list[s
     conn.execute(FREEZE_FN)
     for ev, name in TRIGGERS:
         if not conn.execute("SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (name,)).fetchone():
-            conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION dbguard.freeze_guard()").format(
-                sql.Identifier(name), sql.SQL(ev)))
+            conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {} {} EXECUTE FUNCTION dbguard.freeze_guard()").format(
+                sql.Identifier(name), sql.SQL(ev),
+                sql.SQL("WHEN TAG IN ('ALTER TABLE')" if ev == "ddl_command_start" else "")))
         conn.execute(sql.SQL("ALTER EVENT TRIGGER {} ENABLE ALWAYS").format(sql.Identifier(name)))
     frozen = []
     for t in spec.tables:
