@@ -245,7 +245,8 @@ def user_types(conn: psycopg.Connection, oids: list[int]) -> list[dict]:
                 "SELECT 1 FROM pg_depend WHERE classid = 'pg_type'::regclass AND objid = %s AND deptype = 'e'",
                 (oid,)).fetchone():
             return
-        t = {"schema": nsp, "name": typname, "kind": {"e": "enum", "d": "domain", "c": "composite"}.get(typtype)}
+        t = {"schema": nsp, "name": typname, "kind": {"e": "enum", "d": "domain", "c": "composite"}.get(typtype),
+             "oid": oid}
         if t["kind"] is None:
             return
         if typtype == "e":

@@ -290,6 +290,8 @@ def validate(spec: MigrationSpec) -> dict:
             problems += _target_extensions(tgt, spec, extensions)
             problems += retrieval.check_target(spec, tgt)
             target_version = tgt.info.server_version
+        if not problems:
+            problems += target_schema.unreproducible(spec)
     except ConnectionFailed:
         if not (spec.target.database and spec.target.create_database):
             raise
@@ -336,16 +338,12 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
     with db.target(spec) as tgt:
         for schema in sorted({t.target_schema for t in spec.tables}):
             tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        # the source's schema (extensions, types, defaults, identity/serial, CHECK/UNIQUE): see target_schema
         with db.source(spec) as src:
             for ext in sorted(set(source_extensions(src, spec)) | ({"vector"} if _needs_pgvector(spec) else set())):
                 tgt.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
-            target_schema.create_types(spec, src, tgt)
-            infos = target_schema._infos(spec, src)
-        for t in spec.tables:
-            for stmt in target_schema.table_sql(spec, t, infos.get(t.ref), lambda c: _collation(spec, c)):
-                tgt.execute(stmt)
         tgt.commit()
+        # the source's schema as pg_dump writes it, with the spec's changes (target_schema.create)
+        created = target_schema.create(spec)
         ledger.start_run(tgt, run_id, spec.name, spec.model_dump(mode="json", by_alias=True))
         if spec.has_stores:
             ledger.set_manifest(tgt, spec.name, run_id, retrieval.manifest(spec))
@@ -356,4 +354,4 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
     if spec.schema_freeze:
         with db.source(spec) as src:
             frozen = freeze(src, spec, run_id)
-    return {"created_database": created_db, "frozen": frozen}
+    return {"created_database": created_db, "frozen": frozen, "schema_created": len(created["created"])}

@@ -52,9 +52,9 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     if dry_run:
         return {"dry_run": True, **checks}
     applied = pf.apply(spec, run_id)
-    # the target as created, against the source (foreign keys and indexes come after the backfill)
+    # the target as created, against the source (foreign keys, indexes, triggers, RLS and policies come after the backfill)
     out = {**checks, **applied, "schema_differences": target_schema.differences(
-        spec, ignore=("foreign keys", "indexes"))}
+        spec, ignore=target_schema.POST_DATA)}
     with db.target(spec) as tgt:  # what is left out on purpose, for the run report
         ledger.set_metric(tgt, run_id, spec.name, "excluded_columns",
                           {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns})
@@ -381,6 +381,7 @@ def finish_schema(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     diffs = target_schema.differences(spec)
     with db.target(spec) as tgt:
         ledger.set_metric(tgt, run_id, spec.name, "schema_differences", diffs, commit=False)
+        ledger.set_metric(tgt, run_id, spec.name, "schema_objects", target_schema.objects_summary(spec), commit=False)
         ledger.event(tgt, run_id, spec.name, "finish_schema", {**done, "differences": diffs})
     return {**done, "differences": diffs}
 

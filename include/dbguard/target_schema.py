@@ -20,129 +20,102 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import catalog, db
+from . import catalog, db, schema_dump, schema_objects
+from .schema_objects import POST_DATA  # noqa: F401  (stages.preflight ignores these kinds)
 from .catalog import TableInfo
+from .errors import DbguardError
 from .spec import Column, MigrationSpec, Table
 from .transforms import is_textlike
-
-
-def _type_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-                        "WHERE n.nspname = %s AND t.typname = %s", (schema, name)).fetchone() is not None
-
-
-def type_sql(t: dict) -> sql.Composed:
-    name = db.qname(t["schema"], t["name"])
-    if t["kind"] == "enum":
-        return sql.SQL("CREATE TYPE {} AS ENUM ({})").format(name, sql.SQL(", ").join(map(sql.Literal, t["labels"])))
-    if t["kind"] == "composite":
-        return sql.SQL("CREATE TYPE {} AS ({})").format(name, sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(a["name"]), sql.SQL(a["type"])) for a in t["attributes"]))
-    parts = [sql.SQL("CREATE DOMAIN {} AS {}").format(name, sql.SQL(t["base"]))]
-    if t["default"] is not None:
-        parts.append(sql.SQL("DEFAULT {}").format(sql.SQL(t["default"])))
-    if t["not_null"]:
-        parts.append(sql.SQL("NOT NULL"))
-    parts += [sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(c["name"]), sql.SQL(c["def"])) for c in t["checks"]
-              if c["def"].startswith("CHECK")]
-    return sql.SQL(" ").join(parts)
-
-
-def _infos(spec: MigrationSpec, src: psycopg.Connection) -> dict[str, TableInfo]:
-    return {t.ref: info for t in spec.tables if (info := catalog.describe(src, t.schema_, t.name)) is not None}
-
-
-def create_types(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection) -> list[str]:
-    """Create on the target every user-defined type the migrated tables use (dependencies first)."""
-    created = []
-    for info in _infos(spec, src).values():
-        for t in info.types:
-            if _type_exists(tgt, t["schema"], t["name"]):
-                continue
-            tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(t["schema"])))
-            tgt.execute(type_sql(t))
-            created.append(f"{t['schema']}.{t['name']}")
-    return created
-
-
-def drop_types(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection) -> None:
-    """Undo of create_types (after the tables are gone)."""
-    for info in _infos(spec, src).values():
-        for t in reversed(info.types):
-            kw = "DOMAIN" if t["kind"] == "domain" else "TYPE"
-            tgt.execute(sql.SQL("DROP {} IF EXISTS {}").format(sql.SQL(kw), db.qname(t["schema"], t["name"])))
-
-
-_NEXTVAL = re.compile(r"^nextval\('(.+)'::regclass\)$")
 
 
 def _same_type(c: Column) -> bool:
     return c.target_type is None or c.target_type == c.type
 
 
-def table_sql(spec: MigrationSpec, t: Table, info: TableInfo | None, collation) -> list[sql.Composed]:
-    """CREATE SEQUENCE(s) + CREATE TABLE + ALTER SEQUENCE OWNED BY for one table."""
-    before, after, cols = [], [], []
+def create(spec: MigrationSpec) -> dict:
+    """Preflight's do: the source's pre-data on the target (schema_dump.PRE), the spec's changes, the views.
+    One transaction; a target whose tables all exist already (a re-run) is left as it is."""
+    from .preflight import canonical_type
+
+    with db.source(spec) as src, db.target(spec) as tgt:
+        existing = {t.ref for t in spec.tables if catalog.regclass(tgt, t.target_schema, t.target_name)}
+        if len(existing) == len(spec.tables):
+            return {"created": [], "existing": sorted(existing)}
+        p = schema_dump.plan(spec, src, tgt)
+        try:
+            version = tgt.info.server_version
+            for schema in sorted({e.schema for e in p.pre + p.views if e.schema not in ("-", "")}):
+                tgt.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            shared = {"TYPE", "DOMAIN", "FUNCTION", "SEQUENCE", "SEQUENCE OWNED BY", "COMMENT", "ACL"}
+            tolerate = (lambda kind: True) if existing else (lambda kind: kind in shared)
+            created = schema_dump.run_chunks(tgt, schema_dump.script(p, p.pre, target_version=version,
+                                                                     drop_roles=p.missing_roles),
+                                             commit_each=False, tolerate=tolerate)
+            tgt.execute("RESET search_path")
+            for t in spec.tables:
+                if t.ref not in existing:
+                    _changes(src, tgt, t, canonical_type)
+            created += schema_dump.run_chunks(tgt, schema_dump.script(p, p.views, target_version=version,
+                                                                      drop_roles=p.missing_roles),
+                                              commit_each=False, tolerate=lambda kind: True)
+            tgt.execute("RESET search_path")
+            tgt.commit()
+        finally:
+            p.close()
+    return {"created": created, "existing": sorted(existing)}
+
+
+def unreproducible(spec: MigrationSpec) -> list[str]:
+    """Preflight: every source object the target will not have (schema_dump.plan), unless acknowledged."""
+    with db.source(spec) as src:
+        try:
+            tgt = db.target(spec)
+        except DbguardError:  # a target database preflight creates: no roles to compare yet
+            tgt = None
+        try:
+            p = schema_dump.plan(spec, src, tgt)
+        finally:
+            if tgt is not None:
+                tgt.close()
+    p.close()
+    return [f"{entry}: {why}; the target would not have it. Migrate what it depends on, or accept it by adding "
+            f"to the spec: acknowledge: [\"{entry}\"]" for entry, why in p.not_reproduced if not spec.acknowledged(entry)]
+
+
+def _changes(src: psycopg.Connection, tgt: psycopg.Connection, t: Table, canonical_type) -> None:
+    """The spec's declared changes on a freshly restored table: excluded columns dropped, target_type and
+    collation set (the table is empty), NOT NULL where the spec asks, a primary key on the spec's key."""
+    rel = db.qname(t.target_schema, t.target_name)
+    for name in t.exclude_columns:
+        tgt.execute(sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(rel, sql.Identifier(name)))
+    info = catalog.describe(src, t.schema_, t.name)
     for c in t.columns:
         ci = info.column(c.name) if info else None
-        parts = [sql.Identifier(c.name), sql.SQL(c.tgt_type)]
-        if is_textlike(c.tgt_type):
-            parts.append(sql.SQL("COLLATE {}").format(sql.Identifier(collation(c))))
-        if ci is not None and _same_type(c):
-            if ci.generated:
-                parts.append(sql.SQL("GENERATED ALWAYS AS ({}) STORED").format(sql.SQL(ci.generated)))
-            elif ci.identity:
-                parts.append(sql.SQL("GENERATED {} AS IDENTITY").format(
-                    sql.SQL("ALWAYS" if ci.identity == "a" else "BY DEFAULT")))
-            elif ci.default is not None:
-                m = _NEXTVAL.match(ci.default)
-                if m and ci.sequence:  # serial: the same sequence name in the target schema, owned by the column
-                    seq = db.qname(t.target_schema, ci.sequence_name)
-                    before.append(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(seq))
-                    after.append(sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(
-                        seq, db.qname(t.target_schema, t.target_name), sql.Identifier(c.name)))
-                    parts.append(sql.SQL("DEFAULT nextval({}::regclass)").format(sql.Literal(seq.as_string(None))))
-                elif not m:
-                    parts.append(sql.SQL("DEFAULT {}").format(sql.SQL(ci.default)))
-        if not c.nullable or c.name in t.key or (ci is not None and ci.not_null):
-            parts.append(sql.SQL("NOT NULL"))
-        cols.append(sql.SQL(" ").join(parts))
-    cols.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, t.key))))
-    if info is not None:
-        names = {c.name for c in t.columns}
-        for ck in info.checks:
-            if all(_mentions_only(ck["def"], names, info)):
-                cols.append(sql.SQL("CONSTRAINT {} {}").format(sql.Identifier(ck["name"]), sql.SQL(ck["def"])))
-        for u in info.uniques:
-            if u["constraint"] and set(u["columns"]) <= names and sorted(u["columns"]) != sorted(t.key):
-                cols.append(sql.SQL("CONSTRAINT {} UNIQUE ({})").format(
-                    sql.Identifier(u["name"]), sql.SQL(", ").join(map(sql.Identifier, u["columns"]))))
-    create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(db.qname(t.target_schema, t.target_name),
-                                                                  sql.SQL(", ").join(cols))
-    return before + [create] + after
-
-
-def _mentions_only(check_def: str, names: set[str], info: TableInfo):
-    """A CHECK is kept when it names no excluded source column."""
-    for c in info.columns:
-        if c.name not in names:
-            yield not re.search(r'(?<![\w"])' + re.escape(sql.Identifier(c.name).as_string(None)) + r'(?![\w"])',
-                                check_def) and not re.search(r"\b" + re.escape(c.name) + r"\b", check_def)
-    yield True
-
-
-def _index_target_def(idef: str, info: TableInfo, t: Table) -> str | None:
-    """The source's CREATE INDEX retargeted to the target table (same index name)."""
-    src = sql.SQL("{}.{}").format(sql.Identifier(info.schema), sql.Identifier(info.name)).as_string(None)
-    tgt = db.qname(t.target_schema, t.target_name).as_string(None)
-    m = re.match(r"^CREATE (UNIQUE )?INDEX (\S+|\"(?:[^\"]|\"\")+\") ON (ONLY )?", idef)
-    if m is None:
-        return None
-    rest = idef[m.end():]
-    for spelled in (src, f"{info.schema}.{info.name}", sql.Identifier(info.name).as_string(None), info.name):
-        if rest.startswith(spelled + " "):
-            return idef[:m.start(3) if m.group(3) else m.end()] + tgt + rest[len(spelled):]
-    return None
+        if ci is None:
+            continue
+        col = sql.Identifier(c.name)
+        new_type = None if _same_type(c) or canonical_type(c.target_type) == ci.type else c.tgt_type
+        coll = c.collation if c.collation and is_textlike(c.tgt_type) else None
+        if new_type or coll:
+            alter = sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}{}{}").format(
+                rel, col, sql.SQL(c.tgt_type), sql.SQL(" COLLATE ") + sql.Identifier(coll) if coll else sql.SQL(""),
+                sql.SQL(" USING NULL::{}").format(sql.SQL(c.tgt_type)) if new_type and not ci.generated else sql.SQL(""))
+            tgt.execute("SAVEPOINT dbguard_alter")
+            try:
+                tgt.execute(alter)
+            except psycopg.Error:  # a default or identity the new type cannot keep: the type wins
+                tgt.execute("ROLLBACK TO SAVEPOINT dbguard_alter")
+                tgt.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(rel, col))
+                if ci.identity:
+                    tgt.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP IDENTITY IF EXISTS").format(rel, col))
+                tgt.execute(alter)
+        if not c.nullable and not ci.not_null:
+            tgt.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(rel, col))
+    got = catalog.describe(tgt, t.target_schema, t.target_name)
+    if got is not None and sorted(got.primary_key) != sorted(t.key) and not any(
+            sorted(u["columns"]) == sorted(t.key) and not u.get("partial") for u in got.uniques):
+        tgt.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+            rel, sql.SQL(", ").join(map(sql.Identifier, t.key))))
 
 
 def _index_name(table: str, columns: list[str]) -> str:
@@ -179,12 +152,28 @@ def _has_constraint(conn: psycopg.Connection, oid: int, name: str) -> bool:
 
 
 def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
-    """After the backfill: the source's foreign keys (NOT VALID, then VALIDATE) among migrated tables and
-    its other indexes (retrieval's ANN/GIN indexes and spec-declared target.indexes are built elsewhere)."""
+    """After the backfill: the source's post-data on the target (indexes, triggers, RLS, policies, rules,
+    their comments and grants; one entry per transaction), populated materialized views refreshed, then
+    the foreign keys among migrated tables (NOT VALID, then VALIDATE) and spec-declared target.indexes
+    (retrieval's ANN/GIN indexes are built elsewhere)."""
     by_source = {(t.schema_, t.name): t for t in spec.tables}
-    done = {"foreign_keys": [], "indexes": []}
+    done = {"foreign_keys": [], "indexes": [], "objects": []}
     with db.source(spec) as src, db.target(spec) as tgt:
-        infos = _infos(spec, src)
+        p = schema_dump.plan(spec, src, tgt)
+        try:
+            post = _post_entries(spec, src, p)
+            done["objects"] = schema_dump.run_chunks(
+                tgt, schema_dump.script(p, post, target_version=tgt.info.server_version, drop_roles=p.missing_roles),
+                commit_each=True)
+            tgt.execute("RESET search_path")
+            for schema, name in p.matviews:
+                if catalog.regclass(tgt, schema, name) is not None:
+                    tgt.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(db.qname(schema, name)))
+                    tgt.commit()
+                    done["objects"].append(f"REFRESH MATERIALIZED VIEW {schema}.{name}")
+        finally:
+            p.close()
+        infos = {t.ref: info for t in spec.tables if (info := catalog.describe(src, t.schema_, t.name)) is not None}
         for t in spec.tables:
             info = infos.get(t.ref)
             oid = catalog.regclass(tgt, t.target_schema, t.target_name)
@@ -205,26 +194,45 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                 tgt.commit()
                 done["foreign_keys"].append(f"{t.ref}.{fk['name']}")
                 _validate(spec, run_id, tgt, t, fk["name"])
-            if t.target.indexes:  # the spec overrides the source's indexes: build those
-                for ix in t.target.indexes:
-                    name = ix.name or _index_name(t.target_name, ix.columns)
-                    if not _has_index(tgt, t.target_schema, name):
-                        tgt.execute(declared_index_sql(t, ix, name))
-                        tgt.commit()
-                        done["indexes"].append(f"{t.ref}.{name}")
-                continue
-            for ix in info.indexes + [u for u in info.uniques if not u["constraint"]]:
-                if ix.get("method") in ("hnsw", "ivfflat", "gin") and (t.vector or t.search):
-                    continue  # retrieval.build_indexes builds the store indexes with the spec's parameters
-                if not set(ix["columns"]) - {None, ""} <= names or _has_index(tgt, t.target_schema, ix["name"]):
-                    continue
-                ddl = _index_target_def(ix["def"], info, t)
-                if ddl is None:
-                    continue
-                tgt.execute(sql.SQL(ddl))
-                tgt.commit()
-                done["indexes"].append(f"{t.ref}.{ix['name']}")
+            for ix in t.target.indexes:  # the spec overrides the source's indexes: build those
+                name = ix.name or _index_name(t.target_name, ix.columns)
+                if not _has_index(tgt, t.target_schema, name):
+                    tgt.execute(declared_index_sql(t, ix, name))
+                    tgt.commit()
+                    done["indexes"].append(f"{t.ref}.{name}")
+    done["indexes"] += [o.split(" ", 1)[1] for o in done["objects"] if o.startswith("INDEX ")]
     return done
+
+
+def _post_entries(spec: MigrationSpec, src: psycopg.Connection, p: schema_dump.Plan) -> list:
+    """The post-data entries to restore: without the source's indexes where the spec declares target.indexes,
+    the store indexes retrieval builds (hnsw, ivfflat, gin on vector/search tables), and policies that name a
+    role missing on the target (acknowledged in preflight)."""
+    skip: set[int] = set()
+    for e in p.post:
+        if e.desc != "INDEX":
+            continue
+        row = src.execute("SELECT i.indrelid, am.amname, i.indisunique FROM pg_index i JOIN pg_class c ON "
+                          "c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam WHERE i.indexrelid = %s",
+                          (e.objid,)).fetchone()
+        if row is None:
+            continue
+        t = p.tables.get(p.roots.get(row[0], row[0]))
+        if t is not None and (t.target.indexes or (row[1] in ("hnsw", "ivfflat", "gin") and (t.vector or t.search))):
+            skip.add(e.dump_id)
+    if p.missing_roles:
+        bad = {r[0] for r in src.execute(
+            "SELECT oid FROM pg_policy WHERE EXISTS (SELECT 1 FROM unnest(polroles) r WHERE r <> 0 AND "
+            "r::regrole::text = ANY(%s))", (sorted(p.missing_roles),))}
+        skip |= {e.dump_id for e in p.post if e.desc == "POLICY" and e.objid in bad}
+    changed = True
+    while changed:
+        changed = False
+        for e in p.post:
+            if e.dump_id not in skip and set(e.deps) & skip:
+                skip.add(e.dump_id)
+                changed = True
+    return [e for e in p.post if e.dump_id not in skip]
 
 
 def _validate(spec: MigrationSpec, run_id: str | None, tgt: psycopg.Connection, t: Table, name: str,
@@ -329,4 +337,17 @@ def differences(spec: MigrationSpec, *, ignore: tuple[str, ...] = ()) -> list[st
                         out.append(f"{where}: {label} differ: missing on target {miss}, only on target {extra}")
                     else:
                         out.append(f"{where}: {label}: source {a}, target {b}")
+            out += schema_objects.compare(
+                where, schema_objects.describe(src, t.schema_, t.name),
+                schema_objects.describe(tgt, t.target_schema, t.target_name), ignore=ignore,
+                acknowledged=spec.acknowledged,
+                qualify=lambda kind, n, t=t: f"{t.schema_}.{t.name}.{n}" if kind in ("triggers", "policies") else n)
     return out
+
+
+def objects_summary(spec: MigrationSpec) -> dict[str, list[dict]]:
+    """table -> the object-by-object comparison (schema_objects.summary), recorded for the run report."""
+    with db.source(spec) as src, db.target(spec) as tgt:
+        return {t.ref: schema_objects.summary(schema_objects.describe(src, t.schema_, t.name),
+                                              schema_objects.describe(tgt, t.target_schema, t.target_name))
+                for t in spec.tables}

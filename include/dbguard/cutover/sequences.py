@@ -1,5 +1,6 @@
 """Sequences and identity columns: after a flip, the new primary's sequences start past every value the
-old primary used, so an insert without a key never collides (`pg_get_serial_sequence` on both sides)."""
+old primary used, so an insert without a key never collides (`pg_get_serial_sequence` on both sides, or the
+sequence a column's default draws from)."""
 from __future__ import annotations
 
 import psycopg
@@ -15,7 +16,14 @@ def _rel(t, side: str) -> sql.Composed:
 
 
 def _seq(conn: psycopg.Connection, rel: sql.Composed, col: str) -> str | None:
-    return conn.execute("SELECT pg_get_serial_sequence(%s, %s)", (rel.as_string(conn), col)).fetchone()[0]
+    """The column's own sequence (serial, identity), else the one its default draws from (nextval of a
+    sequence no column owns)."""
+    return conn.execute(
+        "SELECT coalesce(pg_get_serial_sequence(%(r)s, %(c)s), (SELECT d.refobjid::regclass::text FROM pg_attrdef ad "
+        "JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum JOIN pg_depend d ON d.classid = "
+        "'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass JOIN pg_class s ON "
+        "s.oid = d.refobjid AND s.relkind = 'S' WHERE ad.adrelid = %(r)s::regclass AND a.attname = %(c)s LIMIT 1))",
+        {"r": rel.as_string(conn), "c": col}).fetchone()[0]
 
 
 def _used(conn: psycopg.Connection, rel: sql.Composed, col: str, seq: str | None) -> int | None:
