@@ -163,8 +163,24 @@ def generate(name: str, source: str, target: str, *, schema: str | None = None, 
     add("# window: {start: '01:00', end: '05:00', timezone: UTC}  # EDIT: when the run may execute")
     add("# schedule: null  # EDIT: cron expression or preset, null = manual")
     text = "\n".join(lines) + "\n"
-    parse_spec(yaml.safe_load(text), f"dbguard init {name}")  # what init prints must validate
+    parsed = parse_spec(yaml.safe_load(text), f"dbguard init {name}")  # what init prints must validate
+    left_out = _not_reproduced(parsed)
+    if left_out:
+        text += ("# source objects the target will not have (they depend on what this spec does not migrate);\n"
+                 "# preflight refuses them unless listed here. EDIT: migrate what they need instead, or keep them.\n"
+                 "acknowledge:\n" + "".join(f"  - {_flow(entry)}  # {why}\n" for entry, why in left_out))
+        parse_spec(yaml.safe_load(text), f"dbguard init {name}")
     return text
+
+
+def _not_reproduced(spec) -> list[tuple[str, str]]:
+    """What schema_dump.plan would leave out for this spec (roles are checked by preflight, on the target)."""
+    from . import schema_dump
+
+    with db.source(spec) as src:
+        p = schema_dump.plan(catalog.resolve(spec, src), src, None)
+    p.close()
+    return p.not_reproduced
 
 
 _IDX_METRIC = {"l2": "l2", "cosine": "cosine", "ip": "ip"}

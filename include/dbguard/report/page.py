@@ -190,7 +190,8 @@ def query_table(shadow: pd.DataFrame) -> str:
             + _fmt_frame(worst))
 
 
-SKIP_METRICS = {"reconcile", "final_verify", "cutover_steps", "rollback_steps", "excluded_columns"}
+SKIP_METRICS = {"reconcile", "final_verify", "cutover_steps", "rollback_steps", "excluded_columns",
+                "schema_objects"}
 
 
 def metrics_table(m: dict) -> str:
@@ -227,6 +228,18 @@ def excluded_html(m: dict) -> str:
         items = [str(x) if not isinstance(x, dict) else ", ".join(f"{k}={v}" for k, v in x.items()) for x in ex]
     return ("<h2>Columns excluded from the migration</h2><ul>" + "".join(f"<li>{esc(i)}</li>" for i in items)
             + "</ul>")
+
+
+def schema_html(m: dict) -> str:
+    """The target's schema against the source's, object by object (metric schema_objects, finish_schema)."""
+    objs = m.get("schema_objects")
+    if not isinstance(objs, dict) or not objs:
+        return ""
+    rows = "".join(f"<tr><td>{esc(t)}</td><td>{esc(o.get('kind'))}</td><td>{esc(o.get('source'))}</td>"
+                   f"<td>{esc(o.get('target'))}</td><td>{'=' if o.get('equal') else '≠'}</td></tr>"
+                   for t, kinds in objs.items() for o in kinds)
+    return ("<h2>Schema on the target</h2><table><tr><th>table</th><th>objects</th><th>source</th><th>target</th>"
+            "<th></th></tr>" + rows + "</table>")
 
 
 def events_table(events: list[dict]) -> str:
@@ -295,7 +308,7 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
 {links_html(base, result.get("status"))}{verdict_html(result, gates(spec, data, f))}
 <h2>Plots</h2><div class="plots">{imgs or "<p class='muted'>nothing to plot</p>"}</div>
 {incident_html(data.get("incident"))}
-<h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}
+<h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}{schema_html(m)}
 <h2>Key ranges</h2>{ranges_table(f["ranges"])}
 {"<h2>Shadow reads per store</h2>" + query_table(f["shadow"]) if len(f["shadow"]) else ""}
 <h2>Result (JSON line)</h2><table>{res}</table>
