@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from dbguard import cutover, ledger, stages, target_schema
-from dbguard.cutover.round_trip import migrate
+from dbguard.round_trip import migrate
 from dbguard.errors import PreflightError
 from util import run, spec
 
