@@ -15,5 +15,6 @@ from .fields import Ident, LocaleName, Name, SqlType, _At, _ident, _Model  # noq
 from .loading import MAX_SPEC_BYTES, MAX_SPEC_NODES, load_spec, parse_spec  # noqa: F401
 from .migration import MigrationSpec  # noqa: F401
 from .settings import Backfill, Capture, Cutover, Gates, PgBouncer, Window  # noqa: F401
-from .stores import Metric, RetrievalSettings, SearchStore, VectorIndex, VectorStore, vector_type_dim  # noqa: F401
+from .stores import (QDRANT_DISTANCE, Metric, QdrantCollection, QdrantHnsw, QdrantQuantization,  # noqa: F401
+                     RetrievalSettings, SearchStore, VectorIndex, VectorStore, vector_type_dim)
 from .tables import Column, Endpoint, ForeignKey, Index, Table, TableTarget, TargetEndpoint  # noqa: F401

@@ -73,6 +73,51 @@ class VectorIndex(_Model):
         return self.probes or 1
 
 
+_COLLECTION = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+QDRANT_DISTANCE = {"l2": "Euclid", "cosine": "Cosine", "ip": "Dot"}
+
+
+class QdrantHnsw(_Model):
+    """HNSW parameters of a Qdrant collection, as Qdrant names them (None: the server's default)."""
+
+    m: int | None = Field(None, ge=0, le=1000, description="links per node (Qdrant default 16; 0 disables the graph)")
+    ef_construct: int | None = Field(None, ge=4, le=10000, description="build candidate list (Qdrant default 100)")
+    ef: int | None = Field(None, ge=1, le=10000, description="query candidate list (hnsw_ef; default max(k, 128))")
+
+
+class QdrantQuantization(_Model):
+    """Scalar int8 quantization; searches rescore with the original vectors, which the checksum covers."""
+
+    type: Literal["scalar"] = "scalar"
+    quantile: float | None = Field(None, gt=0.5, le=1.0)
+    always_ram: bool | None = None
+
+
+class QdrantCollection(_Model):
+    """The target of a vector store is a Qdrant collection: one point per row, id = the table key,
+    vector = the column after the declared transform, payload = the chosen columns. The distance is
+    the store's `metric` (l2 -> Euclid, cosine -> Cosine, ip -> Dot)."""
+
+    conn_id: Ident = Field("qdrant_default", description="Airflow connection of type qdrant "
+                                                         "(AIRFLOW_CONN_<ID>); undefined = local mode under .qdrant/")
+    collection: str = Field(description="collection name (letters, digits, _ and -)")
+    vector_name: str | None = Field(None, description="a named vector; None = the collection's unnamed vector")
+    payload: list[Name] = Field(default_factory=list, description="columns carried as payload (typed, see README)")
+    hnsw: QdrantHnsw = Field(default_factory=QdrantHnsw)
+    quantization: QdrantQuantization | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "QdrantCollection":
+        for f in ("collection", "vector_name"):
+            v = getattr(self, f)
+            if v is not None and not _COLLECTION.match(v):
+                raise ValueError(f"qdrant.{f} {v!r} is not a name Qdrant accepts everywhere; use letters, "
+                                 "digits, _ and - (1..255 characters)")
+        if len(set(self.payload)) != len(self.payload):
+            raise ValueError(f"qdrant.payload {self.payload} names a column twice")
+        return self
+
+
 class VectorStore(_Model):
     """A pgvector column that is migrated and must keep its retrieval quality."""
 
@@ -85,6 +130,8 @@ class VectorStore(_Model):
     index: VectorIndex = Field(default_factory=VectorIndex, description="the target ANN index")
     source_index: VectorIndex | None = Field(None, description="the source's ANN index (query-time params)")
     embed_model: str = Field("unknown", description="EMBED_MODEL_VER pinned in the manifest")
+    qdrant: QdrantCollection | None = Field(None, description="the target is this Qdrant collection, not the "
+                                                              "pgvector column of the target table")
 
     @property
     def target_normalized(self) -> bool:

@@ -166,6 +166,17 @@ def _check_stores(t: "Table", names: list[str]) -> None:
             if d is not None and d != v.dim:
                 raise ValueError(f"{where}.dim = {v.dim} but column {v.column!r} {label} is vector({d}); "
                                  "make them equal")
+        if v.qdrant is not None:
+            bad = [c for c in v.qdrant.payload if c not in names]
+            if bad:
+                raise ValueError(f"{where}.qdrant.payload: column(s) {bad} are not in columns; declare them "
+                                 "under columns")
+            if len(t.key) != 1:
+                raise ValueError(f"{where}.qdrant: a Qdrant point id is one value (integer or UUID) but the key is "
+                                 f"{t.key}; give the table a one-column key")
+            if v.column in v.qdrant.payload:
+                raise ValueError(f"{where}.qdrant.payload lists the vector column {v.column!r}; it is the point's "
+                                 "vector already")
         if v.normalize and v.source_normalized:
             raise ValueError(f"{where}: normalize is true but source_normalized says the vectors are "
                              "already unit length; drop one")

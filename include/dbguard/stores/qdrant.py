@@ -1,0 +1,345 @@
+"""Qdrant collections as a vector store (DESIGN.md "Stores beyond PostgreSQL").
+
+The store's small interface: `read_range` (points of an id range, in id order), `write_batch`
+(an idempotent upsert that waits for the write), `point_hash` / `RangeSum` (count and checksum,
+computed the same way for what the source sends and what the store returns), `search` (one gold
+query), `swap_alias` / its undo. Copy, verify and reconcile live in `qdrant_copy`, which only
+talks to this interface.
+
+Connections are Airflow connections of the provider's `qdrant` type (apache-airflow-providers-qdrant):
+AIRFLOW_CONN_<ID> as a URI (`qdrant://:API_KEY@host:6333?https=true`) or JSON, or Airflow's
+connection store; the fields mean what QdrantHook.get_conn makes of them (host, port, password =
+API key, extras url, grpc_port, prefer_gprc, https, prefix). Two extras select the client's local
+mode: `path` (a directory) or `location=:memory:`. An undefined connection is local mode under
+.qdrant/<conn_id>/ (DBGUARD_QDRANT_DIR moves it). Local mode searches exactly (no HNSW).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import numpy as np
+
+from .. import db
+from ..errors import ConnectionFailed
+from ..spec import QDRANT_DISTANCE, VectorStore
+from . import qdrant_payload
+
+REPO = Path(__file__).resolve().parents[3]
+_clients: dict[tuple[int, str], Any] = {}
+MASK64 = (1 << 64) - 1
+
+
+# ---- connections ------------------------------------------------------------------------------
+
+def local_dir() -> Path:
+    return Path(os.environ.get("DBGUARD_QDRANT_DIR") or REPO / ".qdrant")
+
+
+def _as_bool(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def client_kwargs(conn_id: str) -> dict[str, Any]:
+    """QdrantClient arguments for a conn id, as QdrantHook.get_conn builds them (plus local mode)."""
+    uri = os.environ.get(db.env_var(conn_id)) or (db._resolver(conn_id) if db._resolver else None)
+    if not uri:
+        return {"path": str(local_dir() / conn_id)}
+    if uri.lstrip().startswith("{"):
+        c = json.loads(uri)
+        extra = c.get("extra") or {}
+        extra = json.loads(extra) if isinstance(extra, str) else extra
+        scheme, host, port, password = c.get("conn_type", "qdrant"), c.get("host"), c.get("port"), c.get("password")
+    else:
+        u = urlsplit(uri)
+        scheme, host, password = u.scheme, u.hostname, unquote(u.password) if u.password else None
+        port = u.port
+        extra = dict(parse_qsl(u.query, keep_blank_values=True))
+        if "__extra__" in extra:
+            extra = json.loads(extra["__extra__"])
+    if scheme.replace("-", "_") != "qdrant":
+        raise ConnectionFailed(f"connection {conn_id!r} has type {scheme!r}; a Qdrant store needs a connection of "
+                               f"type qdrant (e.g. {db.env_var(conn_id)}=qdrant://:API_KEY@host:6333)")
+    if extra.get("location") == ":memory:":
+        return {"location": ":memory:"}
+    if extra.get("path"):
+        return {"path": str(extra["path"])}
+    kw: dict[str, Any] = {"host": host or None, "port": int(port or 6333), "url": extra.get("url"),
+                          "api_key": password or None, "grpc_port": int(extra.get("grpc_port", 6334)),
+                          "prefer_grpc": _as_bool(extra.get("prefer_gprc", False))}
+    if extra.get("https") is not None:
+        kw["https"] = _as_bool(extra["https"])
+    if extra.get("prefix"):
+        kw["prefix"] = extra["prefix"]
+    if password and db._masker is not None:
+        db._masker(password)
+    return kw
+
+
+def client(conn_id: str):
+    """One client per conn id and process (local mode allows one client per directory, and an
+    in-memory store lives only as long as its client)."""
+    from qdrant_client import QdrantClient
+
+    key = (os.getpid(), conn_id)
+    if key not in _clients:
+        kw = client_kwargs(conn_id)
+        if "path" in kw:
+            Path(kw["path"]).mkdir(parents=True, exist_ok=True)
+        try:
+            _clients[key] = QdrantClient(**kw)
+        except Exception as e:  # portalocker: another process holds the local directory
+            raise ConnectionFailed(f"cannot open Qdrant connection {conn_id!r} ({kw.get('path') or kw.get('url') or kw.get('host') or kw.get('location')}): "
+                                   f"{e}; stop the other process or point {db.env_var(conn_id)} at a server") from None
+    return _clients[key]
+
+
+def close_all() -> None:
+    for key in [k for k in _clients if k[0] == os.getpid()]:
+        _clients.pop(key).close()
+
+
+def is_local(c) -> bool:
+    return type(c._client).__name__ == "QdrantLocal"
+
+
+# ---- the collection ---------------------------------------------------------------------------
+
+def distance(store: VectorStore) -> str:
+    return QDRANT_DISTANCE[store.metric]
+
+
+def collection_params(store: VectorStore) -> dict[str, Any]:
+    """What the collection is, as the manifest's INDEX and the index_hash record it."""
+    q = store.qdrant
+    return {"store": "qdrant", "collection": q.collection, "vector_name": q.vector_name, "size": store.dim,
+            "distance": distance(store), "hnsw_m": q.hnsw.m, "hnsw_ef_construct": q.hnsw.ef_construct,
+            "quantization": q.quantization.model_dump() if q.quantization else None, "payload": list(q.payload)}
+
+
+def create_collection(c, name: str, store: VectorStore) -> None:
+    from qdrant_client import models as m
+
+    q = store.qdrant
+    hnsw = m.HnswConfigDiff(m=q.hnsw.m, ef_construct=q.hnsw.ef_construct)
+    quant = None
+    if q.quantization is not None:
+        quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(
+            type=m.ScalarType.INT8, quantile=q.quantization.quantile, always_ram=q.quantization.always_ram))
+    params = m.VectorParams(size=store.dim, distance=m.Distance(distance(store)), hnsw_config=hnsw)
+    c.create_collection(name, vectors_config={q.vector_name: params} if q.vector_name else params,
+                        hnsw_config=hnsw, quantization_config=quant)
+
+
+def describe(c, name: str, vector_name: str | None) -> dict[str, Any] | None:
+    """size and distance of an existing collection's vector (None: no such collection or alias)."""
+    if not c.collection_exists(name):
+        return None
+    vectors = c.get_collection(name).config.params.vectors
+    if isinstance(vectors, dict):
+        vp = vectors.get(vector_name or "")
+        if vp is None:
+            return {"vectors": sorted(vectors)}
+    else:
+        if vector_name:
+            return {"vectors": [""]}
+        vp = vectors
+    return {"size": vp.size, "distance": vp.distance.value}
+
+
+def check(store: VectorStore, label: str) -> list[str]:
+    """Preflight: the connection works and an existing collection has the spec's size and distance."""
+    q = store.qdrant
+    try:
+        c = client(q.conn_id)
+        have = describe(c, q.collection, q.vector_name)
+    except ConnectionFailed as e:
+        return [str(e)]
+    except Exception as e:
+        return [f"{label}: Qdrant connection {q.conn_id!r} does not answer: {str(e).splitlines()[0]}; check "
+                f"{db.env_var(q.conn_id)}"]
+    if have is None:
+        return []
+    want = {"size": store.dim, "distance": distance(store)}
+    if "vectors" in have:
+        return [f"{label}: collection {q.collection!r} has vectors {have['vectors']} but the spec names vector "
+                f"{q.vector_name!r}; fix qdrant.vector_name or choose another collection"]
+    if have != want:
+        return [f"{label}: collection {q.collection!r} exists with size {have['size']} / {have['distance']} but the "
+                f"spec says size {store.dim} / {want['distance']} (metric {store.metric}); drop the collection or "
+                "name another in qdrant.collection"]
+    return []
+
+
+# ---- points: canonical form, hash, range sums ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    id: str                 # the key as text (integer or UUID), as PostgreSQL prints it
+    payload: dict[str, Any]
+    vector: np.ndarray      # float32
+
+    def digest(self) -> int:
+        return point_hash(self.id, self.payload, self.vector)
+
+
+def point_hash(pid: str, payload: dict[str, Any], vector: np.ndarray) -> int:
+    """64 bits of blake2b over the length-prefixed id, canonical payload and float32 little-endian bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (pid.encode(), qdrant_payload.canonical(payload).encode(),
+                 np.ascontiguousarray(vector, dtype="<f4").tobytes()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass(frozen=True)
+class RangeSum:
+    count: int
+    checksum: int   # sum of point hashes mod 2^64: order-independent
+
+    @classmethod
+    def of(cls, points: Iterator[Point] | list[Point]) -> "RangeSum":
+        n, s = 0, 0
+        for p in points:
+            n, s = n + 1, (s + p.digest()) & MASK64
+        return cls(n, s)
+
+
+def stored_vector(store: VectorStore, v: np.ndarray) -> np.ndarray:
+    """The float32 vector as the collection stores it: a Cosine collection keeps the unit vector,
+    normalised in float32 (as Qdrant's insert path does); other distances keep it as sent."""
+    v = np.asarray(v, dtype=np.float32)
+    if distance(store) == "Cosine":
+        n = np.linalg.norm(v)
+        return v / n if n > 1e-16 else v
+    return v
+
+
+def point_id(key: str) -> int | str:
+    """The point id of a key's text: an integer, else the UUID text."""
+    try:
+        return int(key)
+    except ValueError:
+        return key
+
+
+# ---- read, write, search, swap ----------------------------------------------------------------
+
+def _vector_of(record, vector_name: str | None) -> np.ndarray:
+    v = record.vector
+    if isinstance(v, dict):
+        v = v.get(vector_name or "")
+    return np.asarray(v if v is not None else [], dtype=np.float32)
+
+
+def _to_point(record, vector_name: str | None) -> Point:
+    return Point(str(record.id), record.payload or {}, _vector_of(record, vector_name))
+
+
+def retrieve(c, name: str, store: VectorStore, keys: list[str]) -> list[Point]:
+    """The points of these keys that exist (per-batch verify reads only what the batch wrote)."""
+    recs = c.retrieve(name, [point_id(k) for k in keys], with_payload=True,
+                      with_vectors=[store.qdrant.vector_name] if store.qdrant.vector_name else True)
+    return [_to_point(r, store.qdrant.vector_name) for r in recs]
+
+
+def read_range(c, name: str, store: VectorStore, lo: str | None, hi: str | None, *,
+               page: int = 1000, vectors: bool = True) -> Iterator[Point]:
+    """Points with lo <= id < hi (None: unbounded), in id order (Qdrant scrolls by id)."""
+    vn = store.qdrant.vector_name
+    offset = None if lo is None else point_id(lo)
+    bound = None if hi is None else point_id(hi)
+    while True:
+        recs, offset = c.scroll(name, offset=offset, limit=page, with_payload=vectors,
+                                with_vectors=([vn] if vn else True) if vectors else False)
+        for r in recs:
+            if bound is not None and _order(r.id) >= _order(bound):
+                return
+            yield _to_point(r, vn) if vectors else Point(str(r.id), {}, np.zeros(0, np.float32))
+        if offset is None:
+            return
+
+
+def _order(a: int | str) -> tuple[int, int, str]:
+    """Qdrant's id order: integers before UUIDs, UUIDs by their text (the same as by value)."""
+    return (0, a, "") if isinstance(a, int) else (1, 0, str(a))
+
+
+def write_batch(c, name: str, store: VectorStore, points: list[Point], *, retries: int = 3) -> None:
+    """Upsert (idempotent: the same id overwrites) and wait until the write is applied; retried."""
+    from qdrant_client import models as m
+
+    if not points:
+        return
+    vn = store.qdrant.vector_name
+    vecs = [p.vector.tolist() for p in points]
+    batch = m.Batch(ids=[point_id(p.id) for p in points], vectors={vn: vecs} if vn else vecs,
+                    payloads=[p.payload for p in points])
+    for attempt in range(retries):
+        try:
+            c.upsert(name, points=batch, wait=True)
+            return
+        except Exception:
+            if attempt == retries - 1:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+
+
+def delete_points(c, name: str, keys: list[str]) -> None:
+    from qdrant_client import models as m
+
+    if keys:
+        c.delete(name, points_selector=m.PointIdsList(points=[point_id(k) for k in keys]), wait=True)
+
+
+def search(c, name: str, store: VectorStore, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+    """Top-k ids and their stored vectors for one query (hnsw_ef from the spec on a server)."""
+    from qdrant_client import models as m
+
+    q = store.qdrant
+    kw: dict[str, Any] = {}
+    if not is_local(c):
+        kw["search_params"] = m.SearchParams(hnsw_ef=max(q.hnsw.ef or 128, k))
+    res = c.query_points(name, query=np.asarray(query, dtype=np.float32).tolist(), using=q.vector_name, limit=k,
+                         with_payload=False, with_vectors=[q.vector_name] if q.vector_name else True, **kw).points
+    vecs = [_vector_of(p, q.vector_name) for p in res]
+    return [str(p.id) for p in res], (np.stack(vecs) if vecs else np.zeros((0, store.dim), np.float32))
+
+
+def chunks(c, name: str, store: VectorStore, page: int = 5000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(keys, float32 vectors) pages of the whole collection, for exact search (recall probes)."""
+    vn = store.qdrant.vector_name
+    offset = None
+    while True:
+        recs, offset = c.scroll(name, offset=offset, limit=page, with_payload=False,
+                                with_vectors=[vn] if vn else True)
+        if recs:
+            yield (np.array([str(r.id) for r in recs], dtype=object),
+                   np.stack([_vector_of(r, vn) for r in recs]))
+        if offset is None:
+            return
+
+
+def alias_target(c, alias: str) -> str | None:
+    return next((a.collection_name for a in c.get_aliases().aliases if a.alias_name == alias), None)
+
+
+def swap_alias(c, alias: str, collection: str) -> str | None:
+    """Point `alias` at `collection` in one request (readers see the old or the new, never none);
+    returns the collection it named before, which `swap_alias(c, alias, previous)` restores."""
+    from qdrant_client import models as m
+
+    previous = alias_target(c, alias)
+    ops: list[Any] = []
+    if previous is not None:
+        ops.append(m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=alias)))
+    ops.append(m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name=collection, alias_name=alias)))
+    c.update_collection_aliases(change_aliases_operations=ops)
+    return previous

@@ -1,0 +1,257 @@
+"""pgvector -> Qdrant: copy a table's vector column (and payload columns) into a collection, verify
+every batch, reconcile by id range with bisection, repair.
+
+Per batch: the source rows are read in key order (one server-side cursor), sent as one upsert that
+waits for the write, read back by id, and both sides reduced to (count, sum of point hashes) by the
+same function (`qdrant.RangeSum`): id text, canonical payload JSON, float32 vector bytes. The source
+side's vector is the one the collection stores (`qdrant.stored_vector`: a Cosine collection keeps
+the unit vector). Where a store's float32 arithmetic differs from that by an ulp (Qdrant's update
+path normalises in float64, a server in Rust), the point-level compare accepts a Cosine
+collection's components within the float tolerance; everything else must be identical.
+
+Reconcile: the whole id space in the copy's ranges ([first key of a batch, first key of the next),
+the first and last unbounded so extras outside the source's keys are seen); a range whose sums
+differ is bisected on its source keys down to `leaf` points, compared point by point and repaired
+(upsert the source's point, delete extras), then summed again. Qdrant computes no checksums, so both
+sides' sums are computed here: bisection bounds memory and names the points, it does not save reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from .. import db
+from ..db import qname
+from ..errors import PreflightError
+from ..spec import MigrationSpec, Table, VectorStore
+from . import qdrant, qdrant_payload
+from . import vector as vector_store
+
+_KEY_CASTS = {"bigint": "bigint", "integer": "integer", "smallint": "smallint", "uuid": "uuid"}
+
+
+def _catalog_types(conn: psycopg.Connection, table: Table, columns: list[str]) -> dict[str, str]:
+    rows = conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                        (f'{sql.Identifier(table.schema_).as_string(conn)}.'
+                         f'{sql.Identifier(table.name).as_string(conn)}',)).fetchall()
+    types = dict(rows)
+    return {c: types.get(c, "") for c in columns}
+
+
+def source_problems(conn: psycopg.Connection, table: Table, store: VectorStore) -> list[str]:
+    """Preflight on the source: an integer (non-negative) or UUID key, payload types with an encoding."""
+    where = f"{vector_store.label(table, store)} -> qdrant {store.qdrant.collection}"
+    key = table.key[0]
+    types = _catalog_types(conn, table, [key, *store.qdrant.payload])
+    problems = []
+    if types[key] not in _KEY_CASTS:
+        problems.append(f"{where}: key {key!r} has type {types[key] or 'unknown'}; Qdrant point ids are unsigned "
+                        "integers or UUIDs (key types bigint, integer, smallint, uuid)")
+    elif types[key] != "uuid":
+        neg = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} < 0").format(
+            qname(table.schema_, table.name), sql.Identifier(key))).fetchone()[0]
+        if neg:
+            problems.append(f"{where}: {neg} row(s) have a negative key {key!r}; Qdrant point ids are unsigned")
+    for col in store.qdrant.payload:
+        if not qdrant_payload.supported(types[col]):
+            problems.append(f"{where}: " + qdrant_payload.unsupported_message(col, types[col]))
+    conn.rollback()
+    return problems
+
+
+class Source:
+    """The source side of one store: rows of an id range as the points the collection must hold."""
+
+    def __init__(self, conn: psycopg.Connection, table: Table, store: VectorStore):
+        self.conn, self.table, self.store = conn, table, store
+        key = table.key[0]
+        types = _catalog_types(conn, table, [key, *store.qdrant.payload])
+        self.cast = sql.SQL(_KEY_CASTS[types[key]])
+        self.encoders = [(c, qdrant_payload.encoder(types[c])) for c in store.qdrant.payload]
+        self.key = sql.Identifier(key)
+        # aliased: ORDER BY "id" would otherwise sort by the text output column, not the key
+        cols = [sql.SQL("{}::text AS dbguard_point_id").format(self.key), sql.SQL("vector_send({})").format(
+            vector_store.source_expr(table, store))] + [sql.Identifier(c) for c in store.qdrant.payload]
+        self.select = sql.SQL("SELECT {cols} FROM {t} WHERE {v} IS NOT NULL").format(
+            cols=sql.SQL(", ").join(cols), t=qname(table.schema_, table.name), v=sql.Identifier(store.column))
+
+    def _points(self, rows: list[tuple]) -> list[qdrant.Point]:
+        dim = self.store.dim
+        out = []
+        for r in rows:
+            vec = np.frombuffer(r[1], dtype=">f4", offset=4, count=dim).astype(np.float32)
+            out.append(qdrant.Point(r[0], {c: enc(v) for (c, enc), v in zip(self.encoders, r[2:])}, vec))
+        return out
+
+    def _where(self, lo: str | None, hi: str | None) -> tuple[sql.Composable, list]:
+        parts, params = [], []
+        if lo is not None:
+            parts.append(sql.SQL("{} >= %s::{}").format(self.key, self.cast))
+            params.append(lo)
+        if hi is not None:
+            parts.append(sql.SQL("{} < %s::{}").format(self.key, self.cast))
+            params.append(hi)
+        return sql.SQL("").join(sql.SQL(" AND ") + p for p in parts), params
+
+    def batches(self, rows: int) -> Iterator[list[qdrant.Point]]:
+        """The whole table in key order, `rows` points at a time (one snapshot, one cursor)."""
+        q = self.select + sql.SQL(" ORDER BY {}").format(self.key)
+        with self.conn.transaction(), self.conn.cursor(name="dbguard_qdrant_copy", binary=False) as cur:
+            cur.itersize = rows
+            cur.execute(q)
+            while True:
+                got = cur.fetchmany(rows)
+                if not got:
+                    return
+                yield self._points(got)
+
+    def range(self, lo: str | None, hi: str | None) -> list[qdrant.Point]:
+        cond, params = self._where(lo, hi)
+        q = self.select + cond + sql.SQL(" ORDER BY {}").format(self.key)
+        rows = self.conn.execute(q, params).fetchall()
+        self.conn.rollback()
+        return self._points(rows)
+
+
+def expected(store: VectorStore, points: list[qdrant.Point]) -> list[qdrant.Point]:
+    """The source's points as the collection stores them (see qdrant.stored_vector)."""
+    return [qdrant.Point(p.id, p.payload, qdrant.stored_vector(store, p.vector)) for p in points]
+
+
+def diff(store: VectorStore, want: list[qdrant.Point], have: list[qdrant.Point],
+         tolerance: float) -> dict[str, list[str]]:
+    """Point by point: missing on the target, extra on the target, differing (id, payload or vector)."""
+    w, h = {p.id: p for p in want}, {p.id: p for p in have}
+    cosine = qdrant.distance(store) == "Cosine"
+    differing = []
+    for pid in w.keys() & h.keys():
+        a, b = w[pid], h[pid]
+        if a.digest() == b.digest():
+            continue
+        if (cosine and qdrant_payload.canonical(a.payload) == qdrant_payload.canonical(b.payload)
+                and a.vector.shape == b.vector.shape and np.allclose(a.vector, b.vector, rtol=0, atol=tolerance)):
+            continue  # the store's own renormalisation, an ulp away
+        differing.append(pid)
+    return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()), "differing": sorted(differing)}
+
+
+def repair(c, name: str, store: VectorStore, source_points: list[qdrant.Point], d: dict[str, list[str]]) -> int:
+    fix = set(d["missing"]) | set(d["differing"])
+    qdrant.write_batch(c, name, store, [p for p in source_points if p.id in fix])
+    qdrant.delete_points(c, name, d["extra"])
+    return len(fix) + len(d["extra"])
+
+
+def _tolerance(spec: MigrationSpec) -> float:
+    return max(spec.gates.float_tolerance, 1e-6)
+
+
+def copy(spec: MigrationSpec, table: Table, store: VectorStore, src: psycopg.Connection, c, name: str, *,
+         batch_rows: int | None = None, verify: bool = True) -> dict[str, Any]:
+    """Copy every row as a point; verify each batch (count + checksum, repaired once on a mismatch).
+    Returns the ranges (for reconcile), counts and timings."""
+    source = Source(src, table, store)
+    n_rows = batch_rows or spec.backfill.batch_rows
+    tol = _tolerance(spec)
+    firsts: list[str] = []
+    out = {"points": 0, "batches": 0, "repaired": 0, "verify_seconds": 0.0, "mismatched_batches": []}
+    t0 = time.perf_counter()
+    for pts in source.batches(n_rows):
+        firsts.append(pts[0].id)
+        qdrant.write_batch(c, name, store, pts)
+        out["points"] += len(pts)
+        out["batches"] += 1
+        if not verify:
+            continue
+        tv = time.perf_counter()
+        want = expected(store, pts)
+        have = qdrant.retrieve(c, name, store, [p.id for p in pts])
+        if qdrant.RangeSum.of(want) != qdrant.RangeSum.of(have):
+            d = diff(store, want, have, tol)
+            if any(d.values()):
+                out["repaired"] += repair(c, name, store, pts, d)
+                if any(diff(store, want, qdrant.retrieve(c, name, store, [p.id for p in pts]), tol).values()):
+                    out["mismatched_batches"].append([pts[0].id, pts[-1].id])
+        out["verify_seconds"] += time.perf_counter() - tv
+    out["seconds"] = time.perf_counter() - t0
+    out["ranges"] = [[None if i == 0 else f, firsts[i + 1] if i + 1 < len(firsts) else None]
+                     for i, f in enumerate(firsts)] or [[None, None]]
+    return out
+
+
+def reconcile(spec: MigrationSpec, table: Table, store: VectorStore, src: psycopg.Connection, c, name: str,
+              ranges: list[list[str | None]], *, leaf: int = 64,
+              on_range: Callable[[str | None, str | None, str], None] | None = None) -> dict[str, Any]:
+    """Sum each range on both sides; bisect a differing one down to `leaf` points; repair; sum again."""
+    source, tol = Source(src, table, store), _tolerance(spec)
+    found = {"missing": 0, "extra": 0, "differing": 0}
+    out: dict[str, Any] = {"ranges": len(ranges), "bisected": 0, "repaired": 0, "unresolved": [], "points": 0,
+                           "checksum": 0}
+
+    def walk(lo: str | None, hi: str | None, depth: int) -> None:
+        src_pts = source.range(lo, hi)
+        want, have = expected(store, src_pts), list(qdrant.read_range(c, name, store, lo, hi))
+        if qdrant.RangeSum.of(want) == qdrant.RangeSum.of(have):
+            return
+        keys = [p.id for p in src_pts]
+        if len(keys) > leaf:
+            out["bisected"] += 1
+            mid = keys[len(keys) // 2]
+            walk(lo, mid, depth + 1)
+            walk(mid, hi, depth + 1)
+            return
+        d = diff(store, want, have, tol)
+        if not any(d.values()):
+            return
+        for k in found:
+            found[k] += len(d[k])
+        out["repaired"] += repair(c, name, store, src_pts, d)
+        if on_range:
+            on_range(lo, hi, json.dumps(d))
+        if any(diff(store, want, list(qdrant.read_range(c, name, store, lo, hi)), tol).values()):
+            out["unresolved"].append([lo, hi])
+
+    for lo, hi in ranges:
+        walk(lo, hi, 0)
+    total = qdrant.RangeSum.of(qdrant.read_range(c, name, store, None, None))
+    out.update(found, points=total.count, checksum=total.checksum)
+    out["checksum_ok"] = not out["unresolved"]
+    return out
+
+
+def index_hash(store: VectorStore, count: int, checksum: int) -> str:
+    payload = json.dumps({"collection": qdrant.collection_params(store), "count": count, "sum": str(checksum)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def build(spec: MigrationSpec, table: Table, store: VectorStore) -> dict[str, Any]:
+    """Stage body for one store: create the collection when missing, copy with per-batch verify,
+    reconcile the whole id space, and return the verdict with the collection's index_hash."""
+    c = qdrant.client(store.qdrant.conn_id)
+    name = store.qdrant.collection
+    label = vector_store.label(table, store)
+    problems = qdrant.check(store, label)
+    if problems:
+        raise PreflightError(problems)
+    created = not c.collection_exists(name)
+    if created:
+        qdrant.create_collection(c, name, store)
+    with db.source(spec) as src:
+        cp = copy(spec, table, store, src, c, name)
+        rc = reconcile(spec, table, store, src, c, name, cp.pop("ranges"))
+    return {"store": label, "target_store": "qdrant", "collection": name, "created": created,
+            "points": rc["points"], "copied": cp["points"], "batches": cp["batches"],
+            "repaired": cp["repaired"] + rc["repaired"], "reconcile": {k: rc[k] for k in (
+                "ranges", "bisected", "missing", "extra", "differing", "unresolved")},
+            "checksum_ok": rc["checksum_ok"] and not cp["mismatched_batches"],
+            "seconds": round(cp["seconds"], 3), "verify_seconds": round(cp["verify_seconds"], 3),
+            "points_per_s": round(cp["points"] / cp["seconds"], 1) if cp["seconds"] else None,
+            "index_hash": index_hash(store, rc["points"], rc["checksum"])}

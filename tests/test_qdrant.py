@@ -1,0 +1,178 @@
+"""A Qdrant collection as the target of a vector store (issue 17), on qdrant-client's local mode
+(in memory) and the real embedded PostgreSQL source: payload types round-trip, every batch is
+verified, an altered point is found by the checksum and repaired, the gate catches a wrong metric."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import numpy as np
+import pytest
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from dbguard import retrieval
+from dbguard.errors import SpecError
+from dbguard.spec import parse_spec
+from dbguard.stores import qdrant, qdrant_copy, qdrant_payload
+from test_retrieval import simulate_backfill
+from test_vector_store import DIM, clustered, write_gold
+
+COLL = "items_v1"
+
+
+@pytest.fixture
+def qd(monkeypatch):
+    """The spec's Qdrant connection (qdrant_default) as an in-memory local store, fresh per test."""
+    monkeypatch.setenv("AIRFLOW_CONN_QDRANT_DEFAULT", "qdrant://?location=%3Amemory%3A")
+    qdrant.close_all()
+    yield lambda: qdrant.client("qdrant_default")
+    qdrant.close_all()
+
+
+def qspec(gold: str = "g.jsonl", key_type: str = "bigint", metric: str = "cosine", normalize: bool = True,
+          source_metric: str = "l2", payload=("body",), columns=(), **qdrant_kw) -> dict:
+    store = {"column": "emb", "dim": DIM, "source_metric": source_metric, "metric": metric, "normalize": normalize,
+             "qdrant": {"collection": COLL, "payload": list(payload), **qdrant_kw}}
+    return {"name": "qd", "source": {"conn_id": "dbguard_source"}, "target": {"conn_id": "dbguard_target"},
+            "tables": [{"name": "items", "schema": "vs", "key": ["id"],
+                        "columns": [{"name": "id", "type": key_type, "nullable": False},
+                                    {"name": "body", "type": "text"}, *columns,
+                                    {"name": "emb", "type": f"vector({DIM})"}],
+                        "vector": [store]}],
+            "gold": gold, "retrieval": {"k": 10, "recall_queries": 20, "latency_floor_ms": 10_000.0},
+            "backfill": {"batch_rows": 100}}
+
+
+def load(pair, vectors: np.ndarray, ids=None, key_type: str = "bigint") -> list:
+    ids = list(range(1, len(vectors) + 1)) if ids is None else ids
+    with pair.src() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        c.execute("CREATE SCHEMA IF NOT EXISTS vs")
+        c.execute(sql.SQL("CREATE TABLE vs.items (id {} PRIMARY KEY, body text, emb vector({}))").format(
+            sql.SQL(key_type), sql.Literal(DIM)))
+        with c.cursor().copy("COPY vs.items (id, body, emb) FROM STDIN") as cp:
+            for i, v in zip(ids, vectors):
+                cp.write_row((i, f"item {i}", "[" + ",".join(repr(float(x)) for x in v) + "]"))
+    return ids
+
+
+def test_spec_refuses_a_payload_column_it_does_not_declare_and_a_composite_key():
+    with pytest.raises(SpecError, match=r"qdrant.payload: column\(s\) \['nope'\] are not in columns"):
+        parse_spec(qspec(payload=["nope"]))
+    d = qspec()
+    d["tables"][0]["key"] = ["id", "body"]
+    with pytest.raises(SpecError, match="point id is one value"):
+        parse_spec(d)
+
+
+def test_connection_is_the_providers_qdrant_type(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_QD_SERVER", "qdrant://:s3cret@qdrant.example:6333?https=true&grpc_port=6335")
+    kw = qdrant.client_kwargs("qd_server")
+    assert kw["host"] == "qdrant.example" and kw["port"] == 6333 and kw["api_key"] == "s3cret"
+    assert kw["https"] is True and kw["grpc_port"] == 6335
+    monkeypatch.setenv("AIRFLOW_CONN_QD_SERVER", '{"conn_type": "qdrant", "host": "h", "extra": {"url": "http://h:1"}}')
+    assert qdrant.client_kwargs("qd_server")["url"] == "http://h:1"
+    monkeypatch.delenv("AIRFLOW_CONN_QD_SERVER")
+    assert qdrant.client_kwargs("qd_server")["path"].endswith(".qdrant/qd_server")  # embedded default
+    monkeypatch.setenv("AIRFLOW_CONN_QD_SERVER", "postgresql://u@h/db")
+    with pytest.raises(Exception, match="needs a connection of type qdrant"):
+        qdrant.client_kwargs("qd_server")
+
+
+PAYLOAD_TYPES = [
+    ("n_int", "integer", 2147483647), ("n_big", "bigint", -9007199254740993), ("n_small", "smallint", -7),
+    ("f4", "real", 0.1), ("f8", "double precision", 1e-310), ("f_nan", "double precision", float("inf")),
+    ("num", "numeric(12,2)", Decimal("0.70")), ("num_big", "numeric", Decimal("123456789012345678901234567890.000001")),
+    ("t", "text", "O'Reilly \"quoted\" \\ 🚀 請"), ("vc", "varchar(20)", ""), ("b", "boolean", False),
+    ("u", "uuid", uuid.UUID("12345678-1234-5678-1234-567812345678")),
+    ("d", "date", dt.date(1999, 12, 31)),
+    ("ts", "timestamp without time zone", dt.datetime(2024, 2, 29, 23, 59, 59, 999999)),
+    ("tstz", "timestamp with time zone", dt.datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=dt.timezone.utc)),
+    ("j", "jsonb", {"a": [1, 2.5, None, "x"], "n": {"deep": True}}),
+    ("by", "bytea", b"\x00\x89PNG\xff"), ("arr", "text[]", ["a", None, "c,d"]), ("iarr", "bigint[]", [1, -2, None]),
+    ("nul", "text", None),
+]
+
+
+def test_payload_of_every_supported_type_round_trips(dbpair, qd):
+    """Each supported column type goes into the payload and decodes back to the value PostgreSQL holds."""
+    cols = [{"name": n, "type": t} for n, t, _ in PAYLOAD_TYPES]
+    spec = parse_spec(qspec(payload=[n for n, _, _ in PAYLOAD_TYPES], columns=cols))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    with dbpair.src() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        c.execute("CREATE SCHEMA vs")
+        c.execute(sql.SQL("CREATE TABLE vs.items (id bigint PRIMARY KEY, body text, {}, emb vector({}))").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(ty)) for n, ty, _ in PAYLOAD_TYPES),
+            sql.Literal(DIM)))
+        c.execute(sql.SQL("INSERT INTO vs.items VALUES (7, 'x', {}, %s)").format(
+            sql.SQL(", ").join(sql.Placeholder() for _ in PAYLOAD_TYPES)),
+            [Jsonb(val) if isinstance(val, dict) else val for _, _, val in PAYLOAD_TYPES] + ["[" + ",".join(["0.5"] * DIM) + "]"])
+        c.execute("UPDATE vs.items SET f_nan = 'NaN' WHERE id = 7")
+    out = qdrant_copy.build(spec, t, v)
+    assert out["checksum_ok"] and out["points"] == 1
+    rec = qd().retrieve(COLL, [7], with_payload=True)[0]
+    assert rec.payload["num"] == "0.70" and rec.payload["tstz"] == "2024-01-01T00:00:00.000001Z"
+    with dbpair.src() as c:
+        row = c.execute(sql.SQL("SELECT {} FROM vs.items").format(
+            sql.SQL(", ").join(sql.Identifier(n) for n, _, _ in PAYLOAD_TYPES))).fetchone()
+    for (name, typ, _), want in zip(PAYLOAD_TYPES, row):
+        got = qdrant_payload.decoder(typ)(rec.payload[name])
+        if name == "f_nan":
+            assert np.isnan(got)
+        else:
+            assert got == want and type(got) is type(want), (name, got, want)
+
+
+def test_payload_type_without_an_encoding_is_refused_before_anything_is_written(dbpair, qd):
+    spec = parse_spec(qspec(payload=["body", "span"], columns=[{"name": "span", "type": "interval"}]))
+    with dbpair.src() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        c.execute("CREATE SCHEMA vs")
+        c.execute(f"CREATE TABLE vs.items (id bigint PRIMARY KEY, body text, span interval, emb vector({DIM}))")
+    with dbpair.src() as c:
+        problems = qdrant_copy.source_problems(c, spec.tables[0], spec.tables[0].vector[0])
+    assert len(problems) == 1 and "'span' has type 'interval'" in problems[0] and "qdrant.payload" in problems[0]
+    assert not qd().collection_exists(COLL)
+
+
+@pytest.mark.parametrize("key_type", ["bigint", "uuid"])
+def test_copy_verifies_every_batch_and_point_ids_follow_the_key(dbpair, qd, key_type):
+    vecs = clustered(250, 3)
+    ids = None if key_type == "bigint" else sorted(str(uuid.UUID(int=(i * 7919) << 64 | i)) for i in range(250))
+    ids = load(dbpair, vecs, ids, key_type)
+    spec = parse_spec(qspec(key_type=key_type))
+    out = qdrant_copy.build(spec, spec.tables[0], spec.tables[0].vector[0])
+    assert out["checksum_ok"] and out["points"] == 250 and out["batches"] == 3 and out["repaired"] == 0
+    got = qd().retrieve(COLL, [qdrant.point_id(str(ids[5]))], with_vectors=True, with_payload=True)[0]
+    assert str(got.id) == str(ids[5]) and got.payload == {"body": f"item {ids[5]}"}
+    unit = vecs[5] / np.linalg.norm(vecs[5])
+    assert np.allclose(got.vector, unit, atol=1e-6)  # normalize: true, Cosine collection
+
+
+def test_a_point_altered_on_the_target_is_found_by_the_checksum_and_repaired(dbpair, qd):
+    """One vector component and one payload field changed, one point deleted, one extra point:
+    reconcile bisects to exactly those points, repairs them, and the sums agree again."""
+    load(dbpair, clustered(400, 4))
+    spec = parse_spec(qspec(metric="l2", normalize=False))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    first = qdrant_copy.build(spec, t, v)
+    c = qd()
+    p = c.retrieve(COLL, [123], with_vectors=True, with_payload=True)[0]
+    vec = list(p.vector)
+    vec[3] = float(np.nextafter(np.float32(vec[3]), np.float32(1)))  # one ulp: the smallest change there is
+    from qdrant_client import models as m
+    c.upsert(COLL, [m.PointStruct(id=123, vector=vec, payload=p.payload)], wait=True)
+    c.set_payload(COLL, {"body": "item 300 (edited)"}, points=[300], wait=True)
+    c.delete(COLL, points_selector=m.PointIdsList(points=[42]), wait=True)
+    c.upsert(COLL, [m.PointStruct(id=100000, vector=[0.1] * DIM, payload={"body": "ghost"})], wait=True)
+    with dbpair.src() as src:
+        rc = qdrant_copy.reconcile(spec, t, v, src, c, COLL, [[None, "200"], ["200", None]], leaf=16)
+    assert (rc["missing"], rc["extra"], rc["differing"]) == (1, 1, 2) and rc["repaired"] == 4
+    assert rc["bisected"] > 0 and rc["checksum_ok"] and rc["points"] == 400
+    assert qdrant_copy.index_hash(v, rc["points"], rc["checksum"]) == first["index_hash"]
+    assert c.retrieve(COLL, [300], with_payload=True)[0].payload == {"body": "item 300"}
+    assert c.retrieve(COLL, [100000]) == []
+
