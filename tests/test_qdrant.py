@@ -12,11 +12,11 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from dbguard import retrieval
+from dbguard import ledger, retrieval
 from dbguard.errors import SpecError
 from dbguard.spec import parse_spec
 from dbguard.stores import qdrant, qdrant_copy, qdrant_payload
-from test_retrieval import simulate_backfill
+from test_retrieval import T0, simulate_backfill
 from test_vector_store import DIM, clustered, write_gold
 
 COLL = "items_v1"
@@ -176,3 +176,43 @@ def test_a_point_altered_on_the_target_is_found_by_the_checksum_and_repaired(dbp
     assert c.retrieve(COLL, [300], with_payload=True)[0].payload == {"body": "item 300"}
     assert c.retrieve(COLL, [100000]) == []
 
+
+
+def _migrate(spec, pair, run_id: str) -> dict:
+    """The stages before the retrieval gate: the table to the PostgreSQL target, the collection built."""
+    simulate_backfill(spec, pair)
+    retrieval.preflight(spec, run_id)
+    return retrieval.build_indexes(spec, run_id)
+
+
+def test_pgvector_to_qdrant_passes_the_retrieval_gate_and_pins_the_collection(dbpair, qd, tmp_path):
+    vecs = clustered(600, 8, norm_spread=0.9)
+    load(dbpair, vecs)
+    gold = write_gold(tmp_path / "g.jsonl", vecs[::29])
+    spec = parse_spec(qspec(gold=gold, source_metric="cosine", metric="cosine", normalize=False,
+                            hnsw={"m": 16, "ef_construct": 100}, quantization={"quantile": 0.99}))
+    out = _migrate(spec, dbpair, "good")
+    assert out["qdrant"][0]["checksum_ok"] and out["qdrant"][0]["points"] == 600
+    m = retrieval.shadow_reads(spec, "good")
+    assert m["lambda_state"] == "convergent" and m["delta_s_diff"] <= 0.02, m
+    status, msg = retrieval.retrieval_gate(spec, "good", first_seen_at=T0, now=T0)
+    assert status == "pass", msg
+    with dbpair.tgt() as c:
+        row = c.execute("SELECT value FROM dbguard.metrics WHERE run_id = 'good' AND name = 'target_store'").fetchone()
+    assert row[0] == "qdrant"
+    assert len(out["index_hash"]["vs.items.emb"]) == 32
+
+
+def test_dot_on_unnormalised_vectors_where_the_source_used_cosine_is_caught_by_the_gate(dbpair, qd, tmp_path):
+    """The collection is Dot (metric ip) and the vectors keep their lengths: long vectors win whatever
+    their direction. The copy is exact (checksums agree), so only the retrieval gate can see it."""
+    vecs = clustered(600, 9, norm_spread=0.9)
+    load(dbpair, vecs)
+    gold = write_gold(tmp_path / "g.jsonl", vecs[::29])
+    bad = parse_spec(qspec(gold=gold, source_metric="cosine", metric="ip", normalize=False))
+    out = _migrate(bad, dbpair, "bad")
+    assert out["qdrant"][0]["checksum_ok"]
+    m = retrieval.shadow_reads(bad, "bad")
+    assert m["lambda_state"] != "convergent" and m["recall_post"] < m["recall_pre"] - 0.1, m
+    status, msg = retrieval.gate_poke(bad, "bad", first_seen_at=T0, now=T0)
+    assert status == "fail" and "metric cosine -> ip" in msg, msg

@@ -110,45 +110,64 @@ def _parse(blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def top_k(conn: psycopg.Connection, table: Table, store: VectorStore, side: str, queries: np.ndarray,
           metric: str, k: int, *, chunk_rows: int = CHUNK_ROWS) -> ExactResult:
-    """Exact top-k of every query (rows of `queries`, as sent to the index) over `side`'s vectors, by `metric`."""
-    nq = len(queries)
-    best_s = np.full((nq, k), np.inf, dtype=np.float64)   # rank scores (see _rank_scores), nearest first
-    best_id = np.full((nq, k), None, dtype=object)
-    if nq == 0:
-        return ExactResult([], best_s, 0)
+    """Exact top-k of every query (rows of `queries`, as sent to the index) over `side`'s vectors, by `metric`.
+    A vector store whose target is a Qdrant collection is scanned there (`qdrant.chunks`)."""
+    if side == "target" and store.qdrant is not None:
+        from ..stores import qdrant
+
+        c = qdrant.client(store.qdrant.conn_id)
+        try:
+            return top_k_chunks(qdrant.chunks(c, store.qdrant.collection, store, chunk_rows), queries, metric, k,
+                                chunk_rows=chunk_rows)
+        except Exception as e:  # the collection is missing or the server does not answer
+            return ExactResult([[] for _ in range(len(queries))], np.full((len(queries), k), np.inf), 0,
+                               str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     if side == "source":
         rel, col = qname(table.schema_, table.name), vector_store.as_vector(table, store)
     else:
         rel, col = qname(table.target_schema, table.target_name), sql.Identifier(store.column)
     q = sql.SQL("SELECT {key}, vector_send({col}) FROM {rel} WHERE {c} IS NOT NULL").format(
         key=vector_store._key_expr(table), col=col, rel=rel, c=sql.Identifier(store.column))
-    qs = np.asarray(queries, dtype=np.float32)
-    block = max(1, SCORE_CELLS // max(1, chunk_rows))
-    rows = 0
-    try:
+
+    def pages():
         with conn.transaction(), conn.cursor(name="dbguard_exact_probe", binary=True) as cur:
             cur.itersize = chunk_rows
             cur.execute(q)
             while True:
                 fetched = cur.fetchmany(chunk_rows)
                 if not fetched:
-                    break
+                    return
                 x, ok = _parse([r[1] for r in fetched], store.dim)
                 keys = np.array([r[0] for r in fetched], dtype=object)
-                if not ok.all():
-                    x, keys = x[ok], keys[ok]
-                rows += len(keys)
-                if not len(keys):
-                    continue
-                xsq = (x * x).sum(axis=1)
-                if metric == "cosine":  # unit rows; zero vectors have no direction (pgvector: NaN), never near
-                    xn = np.sqrt(xsq)
-                    x = np.divide(x, xn[:, None], out=np.zeros_like(x), where=xn[:, None] > 0)
-                for s in range(0, nq, block):
-                    _merge(best_s[s:s + block], best_id[s:s + block], _rank_scores(x, xsq, qs[s:s + block], metric),
-                           keys, k)
+                yield (keys[ok], x[ok]) if not ok.all() else (keys, x)
+
+    try:
+        return top_k_chunks(pages(), queries, metric, k, chunk_rows=chunk_rows)
     except psycopg.Error as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return ExactResult([[] for _ in range(nq)], best_s, rows, msg)
+        return ExactResult([[] for _ in range(len(queries))], np.full((len(queries), k), np.inf), 0, msg)
+
+
+def top_k_chunks(pages, queries: np.ndarray, metric: str, k: int, *, chunk_rows: int = CHUNK_ROWS) -> ExactResult:
+    """Exact top-k of every query over (keys, float32 rows) pages, whatever store they come from."""
+    nq = len(queries)
+    best_s = np.full((nq, k), np.inf, dtype=np.float64)   # rank scores (see _rank_scores), nearest first
+    best_id = np.full((nq, k), None, dtype=object)
+    if nq == 0:
+        return ExactResult([], best_s, 0)
+    qs = np.asarray(queries, dtype=np.float32)
+    block = max(1, SCORE_CELLS // max(1, chunk_rows))
+    rows = 0
+    for keys, x in pages:
+        rows += len(keys)
+        if not len(keys):
+            continue
+        xsq = (x * x).sum(axis=1)
+        if metric == "cosine":  # unit rows; zero vectors have no direction (pgvector: NaN), never near
+            xn = np.sqrt(xsq)
+            x = np.divide(x, xn[:, None], out=np.zeros_like(x), where=xn[:, None] > 0)
+        for s in range(0, nq, block):
+            _merge(best_s[s:s + block], best_id[s:s + block], _rank_scores(x, xsq, qs[s:s + block], metric),
+                   keys, k)
     ids = [[i for i in row if i is not None] for row in best_id]
     return ExactResult(ids, _to_distance(best_s, qs, metric), rows)

@@ -2,14 +2,16 @@
 adds INDEX_HASH to the manifest."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import psycopg
 
 from .. import db, ledger
-from ..errors import PreflightError
+from ..errors import DbguardError, PreflightError
 from ..spec import MigrationSpec
+from ..stores import qdrant, qdrant_copy
 from ..stores import search as search_store
 from ..stores import vector as vector_store
 
@@ -18,7 +20,10 @@ def manifest(spec: MigrationSpec) -> dict[str, Any]:
     pins: dict[str, Any] = {}
     vs, ss = list(vector_store.stores(spec)), list(search_store.stores(spec))
     for t, v in vs:
-        for k, val in vector_store.manifest(t, v).items():
+        store_pins = vector_store.manifest(t, v)
+        if v.qdrant is not None:  # the collection's parameters are the index
+            store_pins.update(TARGET_STORE="qdrant", INDEX=json.dumps(qdrant.collection_params(v), sort_keys=True))
+        for k, val in store_pins.items():
             pins[k if len(vs) == 1 else f"{k}[{vector_store.label(t, v)}]"] = val
     for t, s in ss:
         for k, val in search_store.manifest(t, s).items():
@@ -31,6 +36,8 @@ def check_target(spec: MigrationSpec, conn: psycopg.Connection) -> list[str]:
     problems: list[str] = []
     for t, v in vector_store.stores(spec):
         problems += vector_store.check_target(conn, t, v, spec.gates.float_tolerance)
+        if v.qdrant is not None:
+            problems += qdrant.check(v, vector_store.label(t, v))
     for t, s in search_store.stores(spec):
         problems += search_store.check_target(conn, t, s)
     conn.rollback()
@@ -42,6 +49,8 @@ def scan_vectors(spec: MigrationSpec, conn: psycopg.Connection) -> list[str]:
     problems: list[str] = []
     for t, v in vector_store.stores(spec):
         problems += vector_store.scan_source(conn, t, v)
+        if v.qdrant is not None:
+            problems += qdrant_copy.source_problems(conn, t, v)
     conn.rollback()
     return problems
 
@@ -55,7 +64,13 @@ def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         ledger.ensure(tgt)
         pins = manifest(spec)
         ledger.set_manifest(tgt, spec.name, run_id, pins)
+        ledger.set_metric(tgt, run_id, spec.name, "target_store", target_store(spec))
     return {"manifest": pins}
+
+
+def target_store(spec: MigrationSpec) -> str:
+    """What readers search after the migration: "qdrant" when a vector store goes to a collection."""
+    return "qdrant" if any(v.qdrant is not None for _, v in vector_store.stores(spec)) else "postgresql"
 
 
 # ---- indexes -----------------------------------------------------------------------------------------
@@ -68,6 +83,12 @@ def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         vs = list(vector_store.stores(spec))
         for t, v in vs:
             t0 = time.perf_counter()
+            if v.qdrant is not None:  # the collection is built (copied, verified, reconciled) offline
+                r = qdrant_copy.build(spec, t, v)
+                out["index_hash"][vector_store.label(t, v)] = r["index_hash"]
+                out.setdefault("qdrant", []).append(r)
+                out["indexes"].append({"index": r["collection"], "action": "copied", "seconds": r["seconds"]})
+                continue
             r = vector_store.build_index(conn, t, v)
             r["seconds"] = round(time.perf_counter() - t0, 3)
             out["indexes"].append(r)
@@ -87,4 +108,10 @@ def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
             pins.update({f"INDEX_HASH[{k}]": h for k, h in hashes.items()})
         ledger.set_manifest(conn, spec.name, run_id, pins)
         ledger.event(conn, run_id, spec.name, "build_indexes", out)
+        bad = [r for r in out.get("qdrant", []) if not r["checksum_ok"]]
+        if bad:
+            ledger.set_metric(conn, run_id, spec.name, "checksum_ok", False)
+            raise DbguardError("Qdrant collection(s) differ from the source after repair: " + "; ".join(
+                f"{r['collection']}: unresolved ranges {r['reconcile']['unresolved']}" for r in bad)
+                + "; look for a writer on the collection, then re-run")
     return out

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from .. import db, ledger
 from ..db import qname
 from ..spec import MigrationSpec, SearchStore, Table, VectorStore
+from ..stores import qdrant as qdrant_store
 from ..stores import search as search_store
 from ..stores import vector as vector_store
 from .gold import GoldQuery, gold_path, load_gold
@@ -103,7 +104,7 @@ class _VectorProbe:
 
     def setup(self, side: _Side) -> None:
         ix = self.store.index if side.side == "target" else self.store.source_index
-        if ix is None:
+        if ix is None or (side.side == "target" and self.store.qdrant is not None):
             return
         name, val = ("hnsw.ef_search", max(ix.ef_search_, self.k)) if ix.type == "hnsw" else ("ivfflat.probes", ix.probes_)
         side.conn.execute("SELECT set_config(%s, %s, false)", (name, str(val)))
@@ -126,10 +127,25 @@ class _VectorProbe:
         return _unit(qvec) if normalized else qvec
 
     def query(self, side: _Side, qvec: np.ndarray) -> Hits:
+        if side.side == "target" and self.store.qdrant is not None:
+            return self._query_qdrant(qvec)
         rows, ms, err = side.run(self.sql_for(side.side), (_vtext(self.sent(side.side, qvec)),))
         vecs = _parse_vectors([r[1] for r in rows], self.store.dim)
         dist = _cos_dist(vecs, qvec)
         return Hits([r[0] for r in rows], dist, vecs, ms, err)
+
+
+    def _query_qdrant(self, qvec: np.ndarray) -> Hits:
+        """The target is a Qdrant collection: the same query (as the target receives it) through its search."""
+        t0 = time.perf_counter()
+        try:
+            c = qdrant_store.client(self.store.qdrant.conn_id)
+            ids, vecs = qdrant_store.search(c, self.store.qdrant.collection, self.store, self.sent("target", qvec),
+                                            self.k)
+        except Exception as e:  # an unreachable server or a missing collection: the post side errored (←)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return Hits([], [], np.zeros((0, self.store.dim), np.float32), (time.perf_counter() - t0) * 1000, msg)
+        return Hits(ids, _cos_dist(vecs, qvec), vecs, (time.perf_counter() - t0) * 1000)
 
 
 class _SearchProbe:
