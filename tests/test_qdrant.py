@@ -215,4 +215,46 @@ def test_dot_on_unnormalised_vectors_where_the_source_used_cosine_is_caught_by_t
     m = retrieval.shadow_reads(bad, "bad")
     assert m["lambda_state"] != "convergent" and m["recall_post"] < m["recall_pre"] - 0.1, m
     status, msg = retrieval.gate_poke(bad, "bad", first_seen_at=T0, now=T0)
-    assert status == "fail" and "metric cosine -> ip" in msg, msg
+    assert status == "fail" and "likely cause: vs.items.emb: metric cosine -> ip (Qdrant distance Dot)" in msg, msg
+
+
+def _docs_dag(which: str, tmp_path, monkeypatch, **retrieval_kw):
+    """A Qdrant demo spec's DAG through dag.test(), its collection in memory, on the docs corpus whose
+    vector lengths vary with the document (as `dbguard demo docs_qdrant` loads it)."""
+    import yaml
+
+    from dbguard import corpus
+    from dbguard.airflow import env as afenv
+    from test_dag import dagbag
+
+    raw = yaml.safe_load((afenv.SPECS_FOLDER / f"demo_{which}.yaml").read_text())
+    raw["name"] = f"{which}_t"
+    raw["retrieval"].update(retrieval_kw)
+    path = tmp_path / f"{which}_t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    monkeypatch.setenv("DBGUARD_REPORT_DIR", str(tmp_path / "reports"))
+    corpus.load_docs("dbguard_source", norm_spread=0.9)
+    dag_run = dagbag().dags[f"dbguard_{which}_t"].test()
+    return dag_run, afenv.run_result(dag_run)
+
+
+def test_docs_into_qdrant_pass_every_gate_in_a_dag_run(airflow_db, dbpair, qd, tmp_path, monkeypatch):
+    dag_run, result = _docs_dag("docs_qdrant", tmp_path, monkeypatch, latency_floor_ms=10_000.0)
+    assert dag_run.state == "success", result
+    assert result["target_store"] == "qdrant" and result["checksum_ok"] is True
+    assert result["lambda_state"] == "convergent" and result["delta_s_diff"] <= 0.02
+    assert qd().count("docs_v1", exact=True).count == result["migrated_rows"] == 2086
+    with dbpair.tgt() as c:
+        pins = dict(c.execute("SELECT key, value FROM dbguard.manifest WHERE run_id = %s",
+                              (dag_run.run_id,)).fetchall())
+    assert (pins["TARGET_STORE"], pins["EMBED_MODEL_VER"], pins["EMBED_DIM"], pins["NORM"]) == (
+        "qdrant", "tfidf-svd-stdlib-v1", "128", "l2"), pins
+    assert '"distance": "Cosine"' in pins["INDEX"] and len(pins["INDEX_HASH"]) == 32
+
+
+def test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric(airflow_db, dbpair, qd, tmp_path, monkeypatch):
+    dag_run, result = _docs_dag("docs_qdrant_bad_metric", tmp_path, monkeypatch)
+    assert dag_run.state == "failed" and result["status"] == "failed"
+    assert result["checksum_ok"] is True and result["target_store"] == "qdrant"  # intact data, changed meaning
+    assert "metric cosine -> ip (Qdrant distance Dot)" in result["reason"], result["reason"][:2000]

@@ -25,7 +25,7 @@ from .spec import MigrationSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SPECS = {name: REPO / "include" / "migrations" / f"demo_{name}.yaml"
-              for name in ("shop", "docs", "docs_bad_analyzer")}
+              for name in ("shop", "docs", "docs_bad_analyzer", "docs_qdrant", "docs_qdrant_bad_metric")}
 DEMO_SPEC = DEMO_SPECS["shop"]
 DEMO_DB = "dbguard_demo"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -413,13 +413,18 @@ def cmd_demo(args) -> int:
         reset_target(spec)
     else:
         embedded.export_env(embedded_uris(reset_target=True))
+    if any(v.qdrant for t in spec.tables for v in t.vector):
+        from .stores import qdrant
+
+        say(f"Qdrant: dropped {qdrant.drop_collections(spec) or 'no'} collection(s) of an earlier demo run")
     t0 = time.monotonic()
     if args.which in ("shop", "round_trip"):
         say(f"loading demo data into the source ({args.customers} customers, {args.orders} orders)")
         counts = demo.load_shop(spec.source.conn_id, customers=args.customers, orders=args.orders)
     else:
         say("embedding standard-library docstrings (TF-IDF + SVD) into the source")
-        counts = corpus.load_docs(spec.source.conn_id)
+        # the Qdrant demos: vector lengths vary with the document (0.1..1.9), which cosine ignores and Dot does not
+        counts = corpus.load_docs(spec.source.conn_id, norm_spread=0.9 if "qdrant" in args.which else None)
     say(f"loaded in {time.monotonic() - t0:.1f}s: {counts}; target is empty; running the migration")
     if args.which == "round_trip":  # migrate, cut over under a live writer, roll back, compare
         from .round_trip import round_trip
@@ -501,7 +506,9 @@ def parser() -> argparse.ArgumentParser:
                    help="shop: OLTP tables (default); round_trip: the shop under a live writer, cut over, "
                         "write to the target, roll back, compare (JSON: status, cutover_ms, rollback_ms, "
                         "writes_after_cutover, lost); docs: vectors + full-text search through the retrieval "
-                        "gate; docs_bad_analyzer: an analyzer mistake the gate catches (exit 1)")
+                        "gate; docs_bad_analyzer: an analyzer mistake the gate catches (exit 1); docs_qdrant: "
+                        "the vectors from pgvector into a Qdrant collection (local mode) through every gate; "
+                        "docs_qdrant_bad_metric: Dot on unnormalised vectors, caught by the gate (exit 1)")
     d.add_argument("--customers", type=int, default=50_000)
     d.add_argument("--orders", type=int, default=200_000)
     d.add_argument("-v", "--verbose", action="store_true", help="Airflow's own log on stderr")

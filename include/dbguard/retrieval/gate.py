@@ -7,7 +7,7 @@ import time
 import psycopg
 
 from .. import db, ledger
-from ..spec import MigrationSpec
+from ..spec import QDRANT_DISTANCE, MigrationSpec
 from ..stores import search as search_store
 from ..stores import vector as vector_store
 from .scores import CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT
@@ -112,7 +112,8 @@ def retrieval_gate(spec: MigrationSpec, run_id: str, *, first_seen_at: dt.dateti
         detail = "\n".join(["  - " + p for p in problems] + ["failing queries:"] + ["  " + q for q in failing])
         if chaotic:
             return _fail(conn, spec, run_id, "chaotic", (
-                f"retrieval gate failed: × (chaotic, no overlap at all) for seed(s) {chaotic}; {summary}\n{detail}"))
+                f"retrieval gate failed: × (chaotic, no overlap at all) for seed(s) {chaotic}; likely cause: "
+                f"{'; '.join(diagnosis(spec, m))}; {summary}\n{detail}"))
         waited = now - first_seen_at if first_seen_at else dt.timedelta(0)
         timeout = dt.timedelta(minutes=spec.retrieval.gate_timeout_minutes)
         if elapsed is not None and elapsed >= window:
@@ -158,7 +159,8 @@ def diagnosis(spec: MigrationSpec, m: dict) -> list[str]:
             continue
         changes = []
         if v.source_metric != v.metric:
-            changes.append(f"metric {v.source_metric} -> {v.metric}")
+            where = f" (Qdrant distance {QDRANT_DISTANCE[v.metric]})" if v.qdrant is not None else ""
+            changes.append(f"metric {v.source_metric} -> {v.metric}{where}")
         if v.source_normalized != v.target_normalized:
             changes.append(f"NORM {'l2' if v.source_normalized else 'none'} -> {'l2' if v.target_normalized else 'none'}")
         rp, rq = m.get("recall_pre"), m.get("recall_post")

@@ -64,7 +64,6 @@ def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         ledger.ensure(tgt)
         pins = manifest(spec)
         ledger.set_manifest(tgt, spec.name, run_id, pins)
-        ledger.set_metric(tgt, run_id, spec.name, "target_store", target_store(spec))
     return {"manifest": pins}
 
 
@@ -107,6 +106,7 @@ def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
         else:
             pins.update({f"INDEX_HASH[{k}]": h for k, h in hashes.items()})
         ledger.set_manifest(conn, spec.name, run_id, pins)
+        ledger.set_metric(conn, run_id, spec.name, "target_store", target_store(spec))
         ledger.event(conn, run_id, spec.name, "build_indexes", out)
         bad = [r for r in out.get("qdrant", []) if not r["checksum_ok"]]
         if bad:

@@ -15,6 +15,8 @@ mode: `path` (a directory) or `location=:memory:`. An undefined connection is lo
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -92,6 +94,8 @@ def client(conn_id: str):
         kw = client_kwargs(conn_id)
         if "path" in kw:
             Path(kw["path"]).mkdir(parents=True, exist_ok=True)
+        if not _clients:
+            atexit.register(close_all)  # before interpreter teardown, when the local store can still flush
         try:
             _clients[key] = QdrantClient(**kw)
         except Exception as e:  # portalocker: another process holds the local directory
@@ -102,7 +106,21 @@ def client(conn_id: str):
 
 def close_all() -> None:
     for key in [k for k in _clients if k[0] == os.getpid()]:
-        _clients.pop(key).close()
+        with contextlib.suppress(Exception):
+            _clients.pop(key).close()
+
+
+def drop_collections(spec) -> list[str]:
+    """Drop the collections a spec's Qdrant stores name (a demo starts empty); returns their names."""
+    dropped = []
+    for t in spec.tables:
+        for v in t.vector:
+            if v.qdrant is not None:
+                c = client(v.qdrant.conn_id)
+                if c.collection_exists(v.qdrant.collection):
+                    c.delete_collection(v.qdrant.collection)
+                    dropped.append(v.qdrant.collection)
+    return dropped
 
 
 def is_local(c) -> bool:
