@@ -111,3 +111,23 @@ def test_init_creates_every_specs_pool_with_its_concurrency(compose):
     assert specs
     assert pools == {airflow_env.pool_name(s): s.backfill.concurrency for s in specs}
     assert script.index("exec /entrypoint bash -c") < script.index("airflow pools set")  # after the migration
+
+
+def test_a_pinned_qdrant_server_wired_to_the_qdrant_connection(compose, monkeypatch):
+    """A vector store's `qdrant:` target reaches the compose service through the provider's conn type."""
+    from dbguard.stores import qdrant
+
+    services = compose["services"]
+    image = services["qdrant"]["image"]
+    assert re.fullmatch(r"qdrant/qdrant:v\d+\.\d+\.\d+", image), image  # official, pinned (never :latest)
+    assert any(p.startswith("6333:") for p in services["qdrant"]["ports"])
+    spec = load_spec(ROOT / "include" / "migrations" / "demo_docs_qdrant.yaml")
+    var = f"AIRFLOW_CONN_{spec.tables[0].vector[0].qdrant.conn_id.upper()}"
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env[var] == "qdrant://qdrant:6333", name
+        if name != "airflow-init":  # init only migrates the metadata DB
+            assert "qdrant-client==" in env["_PIP_ADDITIONAL_REQUIREMENTS"], name
+    monkeypatch.setenv(var, services["airflow-worker"]["environment"][var])
+    kw = qdrant.client_kwargs(spec.tables[0].vector[0].qdrant.conn_id)
+    assert (kw["host"], kw["port"]) == ("qdrant", 6333)
