@@ -186,3 +186,67 @@ def test_init_on_such_a_source_writes_a_spec_that_migrates_and_cuts_over_with_eq
     with dbpair.tgt() as t:
         assert _catalog(t)["triggers"] == [("items_audit", "O"), ("items_touch", "O")]
         assert t.execute("SELECT relkind FROM pg_class WHERE oid = 'events'::regclass").fetchone() == ("p",)
+
+
+def test_a_foreign_key_to_a_table_left_out_and_a_role_missing_on_the_target_are_named(dbpair):
+    with dbpair.src() as c:
+        c.execute("DO $$ BEGIN CREATE ROLE dbg_src_only; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        run(c, "CREATE TABLE parent (id int PRIMARY KEY)",
+            "CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent)",
+            "GRANT SELECT ON child TO dbg_src_only")
+    with dbpair.tgt() as c:
+        c.execute("DROP ROLE IF EXISTS dbg_src_only")
+        c.commit()
+    tables = [{"name": "child", "key": ["id"]}]
+    with pytest.raises(PreflightError) as e:
+        stages.preflight(spec(tables), RUN)
+    assert 'acknowledge: ["not_reproduced foreign_key public.child.child_parent_id_fkey"]' in str(e.value)
+    assert 'acknowledge: ["not_reproduced role dbg_src_only"]' in str(e.value)
+    sp = spec(tables, acknowledge=["not_reproduced foreign_key public.child.child_parent_id_fkey",
+                                   "not_reproduced role dbg_src_only"])
+    assert stages.preflight(sp, RUN)["schema_differences"] == []
+    with dbpair.tgt() as c:  # the table is there, without the grant to the role the target does not have
+        assert c.execute("SELECT count(*) FROM information_schema.role_table_grants WHERE table_name = 'child' "
+                         "AND grantee <> current_user").fetchone() == (0,)
+
+
+def test_renamed_tables_keep_their_triggers_policies_and_views(dbpair):
+    with dbpair.src() as s, dbpair.tgt() as t:
+        _role(s, t)
+        run(s, *APP_DDL)
+    sp = spec([{"name": "items", "key": ["id"], "target": {"schema": "app", "name": "things"}},
+               {"name": "audit", "key": ["id"], "target": {"schema": "app", "name": "audit_log"}}])
+    stages.preflight(sp, RUN)
+    for tb in sp.tables:
+        for r in stages.plan_ranges(sp, RUN, tb.name):
+            assert stages.copy_range(sp, RUN, r)["ok"]
+    assert stages.reconcile(sp, RUN)["checksum_ok"]
+    assert stages.finish_schema(sp, RUN)["differences"] == []
+    with dbpair.tgt(autocommit=True) as app:
+        assert app.execute("SELECT pg_get_viewdef('public.item_names'::regclass)").fetchone()[0].strip().endswith(
+            "FROM app.things;")
+        app.execute("SELECT setval(pg_get_serial_sequence('app.audit_log', 'id'), 1000)")  # as the cutover would
+        app.execute("UPDATE app.things SET name = 'x' WHERE id = 3")  # the audit function names the new table
+        assert app.execute("SELECT count(*) FROM app.audit_log WHERE item_id = 3").fetchone() == (2,)
+        assert app.execute("SELECT relrowsecurity, relforcerowsecurity FROM pg_class "
+                           "WHERE oid = 'app.things'::regclass").fetchone() == (True, True)
+
+
+def test_a_role_that_cannot_write_as_a_replica_is_refused_when_the_tables_have_triggers(dbpair, monkeypatch):
+    with dbpair.src() as s, dbpair.tgt() as t:
+        _role(s, t)
+        run(s, *APP_DDL)
+        for c in (s, t):
+            c.execute("DO $$ BEGIN CREATE ROLE dbg_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+            c.execute("ALTER ROLE dbg_plain NOSUPERUSER BYPASSRLS")
+            c.execute(f"GRANT CREATE ON DATABASE {c.info.dbname} TO dbg_plain")
+            c.execute("GRANT ALL ON SCHEMA public TO dbg_plain")
+            c.commit()
+        run(s, "ALTER TABLE items OWNER TO dbg_plain", "ALTER TABLE audit OWNER TO dbg_plain")
+    for var, dsn in (("AIRFLOW_CONN_DBGUARD_SOURCE", dbpair.src_dsn), ("AIRFLOW_CONN_DBGUARD_TARGET", dbpair.tgt_dsn)):
+        monkeypatch.setenv(var, dsn.replace("postgresql://postgres@", "postgresql://dbg_plain@"))
+    with pytest.raises(PreflightError) as e:
+        stages.preflight(spec([{"name": "items", "key": ["id"]}, {"name": "audit", "key": ["id"]}],
+                              schema_freeze=False), RUN, dry_run=True)
+    assert "GRANT SET ON PARAMETER session_replication_role TO dbg_plain" in str(e.value)
+    assert "public.items.items_audit" in str(e.value)

@@ -28,10 +28,10 @@ SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i JOIN pg_
 WHERE i.inhparent = %s AND c.relispartition"""
 
 _SEQUENCES = """
-SELECT DISTINCT n.nspname || '.' || s.relname FROM pg_attrdef ad
+SELECT DISTINCT s.relname FROM pg_attrdef ad
 JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
-JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' JOIN pg_namespace n ON n.oid = s.relnamespace
-WHERE ad.adrelid = %s"""
+JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+WHERE ad.adrelid = %s"""  # by name: a renamed table's own sequences move to its target schema
 
 _VIEWS = """
 SELECT DISTINCT n.nspname || '.' || v.relname, v.relkind FROM pg_rewrite r

@@ -78,8 +78,36 @@ def unreproducible(spec: MigrationSpec) -> list[str]:
             if tgt is not None:
                 tgt.close()
     p.close()
-    return [f"{entry}: {why}; the target would not have it. Migrate what it depends on, or accept it by adding "
+    out = _replica_role(spec, p)
+    return out + [f"{entry}: {why}; the target would not have it. Migrate what it depends on, or accept it by adding "
             f"to the spec: acknowledge: [\"{entry}\"]" for entry, why in p.not_reproduced if not spec.acknowledged(entry)]
+
+
+_CAN_SET_REPLICA = """SELECT rolsuper OR (current_setting('server_version_num')::int >= 150000
+                     AND has_parameter_privilege('session_replication_role', 'SET'))
+                     FROM pg_roles WHERE rolname = current_user"""
+
+
+def _replica_role(spec: MigrationSpec, p: schema_dump.Plan) -> list[str]:
+    """The application's triggers must not fire for dbguard's writes: the copy and the appliers set
+    session_replication_role = replica, which needs superuser or GRANT SET ON PARAMETER (PostgreSQL 15+)."""
+    triggers = [e.name for e in p.post if e.desc == "TRIGGER"]
+    if not triggers:
+        return []
+    out = []
+    for side, connect in (("target", db.target), ("source", db.source)):
+        try:
+            with connect(spec) as conn:
+                row = conn.execute(_CAN_SET_REPLICA).fetchone()
+                role = conn.execute("SELECT current_user").fetchone()[0]
+        except DbguardError:
+            continue
+        if not (row and row[0]):
+            out.append(f"{side}: the migrated tables have the application's triggers ({', '.join(triggers[:5])}), "
+                       f"which would fire again for dbguard's own writes (copy, {'forward' if side == 'target' else 'reverse'} "
+                       f"applier) unless they run with session_replication_role = replica; "
+                       f"GRANT SET ON PARAMETER session_replication_role TO {role} (or run as a superuser)")
+    return out
 
 
 def _changes(src: psycopg.Connection, tgt: psycopg.Connection, t: Table, canonical_type) -> None:
