@@ -43,7 +43,8 @@ def part_spec(**top):
 
 @pytest.fixture(params=["pg18", "pg15"])
 def pair(request, dbpair, servers, monkeypatch):
-    """Source and target databases with the partitioned table on both sides (and seeded on the source)."""
+    """Source and target databases, the partitioned table seeded on the source (preflight creates the target's,
+    partitions and bounds included)."""
     p = dbpair
     if request.param == "pg15":
         pg15 = request.getfixturevalue("pg15_server")
@@ -55,8 +56,6 @@ def pair(request, dbpair, servers, monkeypatch):
     with p.src() as c:
         run(c, DDL, SEED)
         assert c.info.server_version // 10000 == (15 if request.param == "pg15" else 18)
-    with p.tgt() as c:
-        run(c, DDL)
     return p
 
 
@@ -165,6 +164,8 @@ def test_a_write_into_a_target_partition_voids_the_changed_rows_verify(pair):
 def app_role(pair):
     """An ordinary role that owns the migrated tables (as an application does), dropped afterwards."""
     role = "dbg_app_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pair.tgt_dsn, autocommit=True) as c:  # the new primary has the application's role too
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     with pair.src() as c:
         run(c, sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)).as_string(c),
             sql.SQL("GRANT CREATE, USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)).as_string(c),
@@ -175,6 +176,10 @@ def app_role(pair):
         run(c, sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(role)).as_string(c),
             sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)).as_string(c))
     with psycopg.connect(pair.src_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with pair.tgt() as c:
+        run(c, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)).as_string(c))
+    with psycopg.connect(pair.tgt_dsn, autocommit=True) as c:
         c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
