@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dbguard import capture, cutover, stages
+from dbguard import capture, cutover, preflight, stages
 from dbguard.cutover import fence, watermark
 
 from conftest import DbPair, _create_db, _drop_db
@@ -158,6 +158,27 @@ def test_a_write_into_a_target_partition_voids_the_changed_rows_verify(pair):
         assert t.execute("SELECT count(*) FROM pg_trigger WHERE tgname = %s",
                          (watermark.trigger_name(s),)).fetchone()[0] == 0
     stages.release(s, RUN, verify=False)
+
+
+def test_capture_disabled_on_one_partition_is_refused_and_else_voids_the_watermark(pair):
+    """Disabling the capture trigger's clone on one partition would silently stop capture there: the freeze
+    refuses it, and where it happened anyway (freeze lifted by hand) the cutover's verify is whole-table."""
+    s = part_spec()
+    stages.preflight(s, RUN)
+    stages.capture_on(s, RUN)
+    for r in stages.plan_ranges(s, RUN, "events"):
+        stages.copy_range(s, RUN, r)
+    assert stages.checksum_gate(s, RUN)[0]
+    disable = sql.SQL("ALTER TABLE events_2024 DISABLE TRIGGER {}").format(sql.Identifier(capture.trigger_name(s)))
+    with pair.src() as c:
+        _refused(pair.src_dsn, disable.as_string(c), psycopg.errors.ObjectInUse,
+                 r"public.events_2024 \(a partition of public.events\) is frozen by migration t")
+        assert watermark.verify(s, RUN, c) is not None
+    preflight.release_freeze(s)  # someone lifts the freeze by hand
+    with pair.src() as c:
+        run(c, disable.as_string(c))
+        run(c, "UPDATE events_2024 SET v = 'not captured' WHERE id = (SELECT min(id) FROM events_2024)")
+        assert watermark.verify(s, RUN, c) is None  # the ledger may not hold every change: whole tables
 
 
 @pytest.fixture

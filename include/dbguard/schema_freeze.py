@@ -67,7 +67,7 @@ BEGIN
           OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid)
           OR (r.classid = 'pg_class'::regclass
               AND relid IN (SELECT a.relid FROM pg_partition_ancestors(r.objid) a))
-       LIMIT 1;
+       ORDER BY relid = r.objid DESC LIMIT 1;  -- name the partition itself when it is the one altered
       IF FOUND THEN
         RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
           f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
