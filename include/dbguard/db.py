@@ -27,6 +27,9 @@ SESSION_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
     "application_name": "dbguard",
+    # as pg_dump does: a row-level security policy that would filter a read raises instead, so COPY, counts
+    # and checksums never agree on a silently filtered subset (preflight names the fix: BYPASSRLS)
+    "row_security": "off",
 }
 
 # The Airflow layer installs a resolver that asks Airflow's connection store;
@@ -139,7 +142,8 @@ def connect(conn_id: str, *, autocommit: bool = False, dbname: str | None = None
         ) from None
     conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, false)").format(sql.Literal(k), sql.Literal(v))
-        for k, v in SESSION_SETTINGS.items())))  # one round trip
+        for k, v in SESSION_SETTINGS.items()
+        if k != "row_security" or conn.info.server_version >= 90500)))  # one round trip; RLS came in 9.5
     if not autocommit:
         conn.commit()
     return conn

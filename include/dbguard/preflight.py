@@ -18,7 +18,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import catalog, db, ledger, retrieval, target_schema
+from . import access, catalog, db, ledger, retrieval, target_schema
 from .schema_freeze import freeze, release_freeze  # noqa: F401  (callers use preflight.release_freeze)
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
@@ -277,6 +277,7 @@ def validate(spec: MigrationSpec) -> dict:
         problems += _contract(src, spec)
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
+        problems += access.problems(src, spec, "source")  # ownership (capture), row-level security
         if not problems:  # vector scan needs the contract to hold
             problems += retrieval.scan_vectors(spec, src)
         extensions = source_extensions(src, spec)
@@ -286,6 +287,7 @@ def validate(spec: MigrationSpec) -> dict:
         with db.target(spec) as tgt:
             problems += _target_privileges(tgt, spec)
             problems += _target_tables(tgt, spec)
+            problems += access.problems(tgt, spec, "target")
             problems += _headroom(tgt, "target", conc + 2)
             problems += _target_extensions(tgt, spec, extensions)
             problems += retrieval.check_target(spec, tgt)

@@ -221,8 +221,9 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                                "capture.ddl_lock_timeout_ms") from None
         except psycopg.errors.InsufficientPrivilege as e:
             raise CaptureError(f"capture_on ({direction}): {e.diag.message_primary}; the {r.label} role needs "
-                               "CREATE on the database (schema dbguard) and TRIGGER on every migrated table "
-                               "(GRANT TRIGGER ON <table> TO <role>)") from None
+                               "CREATE on the database (schema dbguard) and must own every migrated table "
+                               "(ENABLE ALWAYS TRIGGER is the owner's: ALTER TABLE <table> OWNER TO <role>, or "
+                               "GRANT <owner> TO <role>, or run as the owner)") from None
     out = {"enabled": True, "direction": direction, "tables": [t.ref for t in spec.tables],
            "trigger": trigger_name(spec, direction),
            "functions": [function_name(spec, t, direction) for t in spec.tables], "capture_snapshot": snap,
