@@ -127,3 +127,27 @@ def test_a_target_table_the_role_does_not_own_is_refused_too(dbpair):
             stages.preflight(acct_spec(), "r")
         msg = str(e.value)
         assert "target: public.acct is owned by" in msg and "source: public.acct" not in msg
+
+
+REF_DDL = ["CREATE TABLE customers (id bigint PRIMARY KEY, name text)",
+           "CREATE TABLE invoices (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers ON DELETE CASCADE)",
+           "INSERT INTO customers VALUES (1, 'a'), (2, 'b')", "INSERT INTO invoices VALUES (10, 1)"]
+
+
+def test_a_table_that_references_a_migrated_one_is_refused_until_acknowledged(dbpair):
+    with dbpair.src() as c:
+        run(c, *REF_DDL)
+    tables = [{"name": "customers", "key": ["id"]}]
+    with pytest.raises(PreflightError) as e:
+        stages.preflight(spec(tables), "r")
+    msg = str(e.value)
+    assert "public.invoices" in msg and "public.customers" in msg and "not migrated" in msg
+    assert "ON DELETE CASCADE" in msg  # the consequence: reverse-applied deletes cascade its rows away
+    assert "acknowledge:" in msg and "'referenced_by public.invoices'" in msg
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT to_regclass('public.customers')").fetchone()[0] is None
+    out = stages.preflight(spec(tables, acknowledge=["referenced_by public.invoices"]), "r")
+    assert "public.invoices" in str(out.get("acknowledged"))
+    # migrating the referencing table too needs no acknowledgement
+    stages.release(spec(tables), "r")
+    stages.preflight(spec(tables + [{"name": "invoices", "key": ["id"]}], name="t2"), "r2")

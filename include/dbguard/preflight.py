@@ -18,7 +18,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from . import access, catalog, db, ledger, retrieval, target_schema
+from . import access, catalog, db, ledger, referrers, retrieval, target_schema
 from .schema_freeze import freeze, release_freeze  # noqa: F401  (callers use preflight.release_freeze)
 from .errors import ConnectionFailed, PreflightError
 from .spec import Column, MigrationSpec, Table
@@ -278,6 +278,8 @@ def validate(spec: MigrationSpec) -> dict:
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
         problems += access.problems(src, spec, "source")  # ownership (capture), row-level security
+        refused, acknowledged = referrers.problems(src, spec)  # non-migrated tables referencing migrated ones
+        problems += refused
         if not problems:  # vector scan needs the contract to hold
             problems += retrieval.scan_vectors(spec, src)
         extensions = source_extensions(src, spec)
@@ -300,7 +302,7 @@ def validate(spec: MigrationSpec) -> dict:
         target_version = None
     if problems:
         raise PreflightError(problems)
-    return {"source_version": source_version, "target_version": target_version}
+    return {"source_version": source_version, "target_version": target_version, "acknowledged": acknowledged}
 
 
 def _collation(spec: MigrationSpec, c: Column) -> str:
