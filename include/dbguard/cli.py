@@ -267,7 +267,7 @@ def _fallback_result(spec: MigrationSpec, run_id: str | None) -> dict:
     values: dict = {}
     if run_id:
         with contextlib.suppress(Exception), db.target(spec) as conn:
-            values = ledger.metrics(conn, run_id)
+            values = {**ledger.metrics(conn, run_id), "reason": ledger.failure_reasons(conn, run_id)}
     return {**values, "migration": spec.name, "status": "failed"}
 
 
@@ -336,7 +336,7 @@ def _run_and_print(spec_path: str, conf: dict, real_stdout, verbose: bool = Fals
         raise
     except DbguardError as e:
         say(str(e))
-        result = {"migration": _load(spec_path).name, "status": "failed"}
+        result = {"migration": _load(spec_path).name, "status": "failed", "reason": str(e)}
     print(ledger.result_line(result), file=real_stdout, flush=True)
     return EXIT_OK if result.get("status") in ("success", "dry_run", "cutover") else EXIT_FAILED
 

@@ -294,6 +294,16 @@ def record_gate_failure(spec: MigrationSpec, run_id: str, gate: str, message: st
     _event(spec, run_id, f"{gate}_failed", {"message": message})
 
 
+def record_task_failure(spec: MigrationSpec, run_id: str, task: str, message: str) -> None:
+    """A task's error as event '<task>_failed' (so the run's `reason`, ledger.failure_reasons), unless the
+    stage already recorded its own message (gates, preflight)."""
+    with db.target(spec) as tgt:
+        ledger.ensure(tgt)
+        if not tgt.execute("SELECT 1 FROM dbguard.events WHERE run_id = %s AND stage = %s LIMIT 1",
+                           (run_id, f"{task}_failed")).fetchone():
+            ledger.event(tgt, run_id, spec.name, f"{task}_failed", {"message": message})
+
+
 @_resolved
 def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
     """(passed, message): passes only at 100 % completeness and equal checksums (verified under a

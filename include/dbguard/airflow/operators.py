@@ -5,6 +5,7 @@ The run id is Airflow's `run_id`, so the ledger and the grid speak of the same r
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from airflow.sdk import BaseOperator, SkipMixin
@@ -15,6 +16,7 @@ from . import env
 from .links import ReportLink
 
 FAILED_STATES = {"failed", "upstream_failed"}
+log = logging.getLogger(__name__)
 
 
 def run_status(states: dict[str, str | None], *, dry_run: bool = False) -> str:
@@ -24,12 +26,27 @@ def run_status(states: dict[str, str | None], *, dry_run: bool = False) -> str:
     return "dry_run" if dry_run else "success"
 
 
+def record_failure(context) -> None:
+    """on_failure_callback of every stage task: its error becomes the run's `reason` (stages.record_task_failure);
+    without it the result said "reason": null while only the Airflow log named the cause."""
+    ti, error = context["ti"], context.get("exception")
+    if ti.task_id == env.FINALIZE_TASK_ID or error is None:
+        return
+    try:
+        spec = env.spec_at(context["task"].spec_path)
+        stages.record_task_failure(spec, ti.run_id, ti.task_id, str(error) or type(error).__name__)
+    except Exception as e:  # noqa: BLE001  the target may be what failed; the task log keeps the error
+        log.warning("could not record the failure of %s in the ledger: %s", ti.task_id, e)
+
+
 class StageOperator(BaseOperator):
-    """Base: knows the spec path; subclasses call one stage."""
+    """Base: knows the spec path; subclasses call one stage. A failure is recorded as the run's reason."""
 
     ui_color = "#e8f0fe"
 
     def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
+        if not kwargs.get("on_failure_callback"):  # a mapped task's partial() passes []
+            kwargs["on_failure_callback"] = record_failure
         super().__init__(**kwargs)
         self.spec_path = spec_path
 
