@@ -15,7 +15,7 @@ from typing import Any
 from . import db, report
 from .spec import MigrationSpec
 
-INCIDENT_STATUSES = ("aborted", "rolled_back", "failed")
+INCIDENT_STATUSES = report.INCIDENT_STATUSES
 UNDO_STAGES = ("release", "write_freeze", "capture_off", "rollback")
 
 

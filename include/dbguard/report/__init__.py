@@ -73,11 +73,15 @@ def regression_gold(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, 
     return len(lines)
 
 
+INCIDENT_STATUSES = page.NOTE_STATUSES  # aborted, rolled_back, failed: a clean flip (`cutover`) is no incident
+
+
 def incident(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, data: dict, base: Path) -> dict | None:
-    """For a run that did not succeed: what failed (every gate message), what was undone, and the
-    failing gold queries for the postmortem's regression set."""
-    if data["result"].get("status") in ("success", "dry_run"):
+    """For a run that aborted, rolled back or failed: what failed (every gate message), what was undone,
+    and the failing gold queries for the postmortem's regression set. None for any other status."""
+    if data["result"].get("status") not in INCIDENT_STATUSES:
         return None
+    flipped = data["metrics"].get("cutover_ms") is not None
     failed = [{"gate": e["stage"].removesuffix("_failed"), "message": (e["detail"] or {}).get("message")}
               for e in data["events"] if e["stage"].endswith("_failed")]
     undone = [e["detail"] for e in data["events"] if e["stage"] in ("capture_off", "write_freeze", "rollback")]
@@ -86,7 +90,9 @@ def incident(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, data: d
     return {"failed_gates": failed, "undone": undone,
             "regression_gold": str(reg) if n else None, "regression_queries": n,
             "postmortem": ["What failed and when (failed_gates above, events below)",
-                           "Impact: the source was never written; the target is not in use (no cutover)",
+                           ("Impact: the target was primary for a while; rollback brought its writes back to the "
+                            "source (writes_after_cutover)" if flipped else
+                            "Impact: the source was never written; the target is not in use (no cutover)"),
                            "Root cause (spec field, data, index or analyzer)",
                            "Add regression_gold to the migration's gold set; re-run"]}
 

@@ -250,6 +250,31 @@ def events_table(events: list[dict]) -> str:
     return _fmt_frame(pd.DataFrame(rows), {"at": "UTC"})
 
 
+def cutover_html(spec: MigrationSpec, m: dict, f: dict[str, pd.DataFrame]) -> str:
+    """The flip, for a run that cut over (and the way back, if it rolled back): each step with its start and
+    time, the pointer, the write freeze, and until when rollback is offered (rollback_ttl_minutes)."""
+    if m.get("cutover_ms") is None:
+        return ""
+    steps = f["steps"]
+    started = steps.loc[steps["kind"] == "cutover", "at"].dropna()
+    until = m.get("rollback_offered_until")  # flow.tail records it; a library-only cutover: from its start
+    if until is None and len(started):
+        until = (pd.Timestamp(started.iloc[0]) + pd.Timedelta(minutes=spec.rollback_ttl_minutes)).isoformat()
+    until_text = pd.Timestamp(until).strftime("%Y-%m-%d %H:%M:%S UTC") if until else "–"
+    back = m.get("rollback_ms") is not None
+    rows = [("pointer", f"{spec.cutover.pointer}: points at the {'source again' if back else 'target'}"), ("writes paused (cutover_ms)", dur_ms(float(m["cutover_ms"]))),
+            ("rollback offered until", f"{until_text} (rollback_ttl_minutes {spec.rollback_ttl_minutes:g}; "
+                                       f"then dbguard_{spec.name}_finish ends the tail)")]
+    if back:
+        rows.append(("rolled back (rollback_ms)", dur_ms(float(m["rollback_ms"]))))
+    head = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    table = steps.assign(at=steps["at"].map(lambda v: str(v)[11:23] if v else "–"),
+                         ok=steps["ok"].map(lambda v: "ok" if v else "FAILED"))
+    return (f"<h2>Cutover</h2><table>{head}</table>"
+            + _fmt_frame(table[["kind", "step", "at", "ms", "ok"]].rename(columns={"ms": "time"}),
+                         {"at": "UTC", "time": "ms"}))
+
+
 def incident_html(inc: dict | None) -> str:
     if inc is None:
         return ""
@@ -306,6 +331,7 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
 <style>{CSS}</style>
 <h1>dbguard: {esc(spec.name)}</h1><p class="muted">run <code>{esc(run_id)}</code>{when} — {esc(spec.description)}</p>
 {links_html(base, result.get("status"))}{verdict_html(result, gates(spec, data, f))}
+{cutover_html(spec, m, f)}
 <h2>Plots</h2><div class="plots">{imgs or "<p class='muted'>nothing to plot</p>"}</div>
 {incident_html(data.get("incident"))}
 <h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}{schema_html(m)}
