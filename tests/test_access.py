@@ -151,3 +151,18 @@ def test_a_table_that_references_a_migrated_one_is_refused_until_acknowledged(db
     # migrating the referencing table too needs no acknowledgement
     stages.release(spec(tables), "r")
     stages.preflight(spec(tables + [{"name": "invoices", "key": ["id"]}], name="t2"), "r2")
+
+
+def test_init_of_a_referenced_table_alone_writes_the_acknowledgement_and_preflight_passes(dbpair):
+    from dbguard import init_spec
+    from dbguard.spec import parse_spec
+
+    import yaml
+
+    with dbpair.src() as c:
+        run(c, *REF_DDL)
+    text = init_spec.generate("refd", "dbguard_source", "dbguard_target", tables=["customers"])
+    sp = parse_spec(yaml.safe_load(text))
+    assert sp.acknowledge == ["referenced_by public.invoices"]
+    assert "public.invoices is not migrated but references public.customers" in text  # the reason beside it
+    stages.preflight(sp, "r")

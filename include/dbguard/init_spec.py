@@ -177,10 +177,16 @@ def _not_reproduced(spec) -> list[tuple[str, str]]:
     """What schema_dump.plan would leave out for this spec (roles are checked by preflight, on the target)."""
     from . import schema_dump
 
+    from . import referrers
+
     with db.source(spec) as src:
         p = schema_dump.plan(catalog.resolve(spec, src), src, None)
+        refs = referrers.find(src, spec)
     p.close()
-    return p.not_reproduced
+    return p.not_reproduced + [  # tables left behind that reference migrated ones (preflight: referenced_by)
+        (ack, f"{fks[0]['table']} is not migrated but references {fks[0]['references']}: after the cutover its "
+              "rows stay on the source and rows deleted or re-keyed on the target leave them orphaned")
+        for ack, fks in refs.items()]
 
 
 _IDX_METRIC = {"l2": "l2", "cosine": "cosine", "ip": "ip"}
