@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from .db import qname
+from .errors import DbguardError
 from .ranges import KeyRange, predicate
 from .spec import MigrationSpec, Table
 from .transforms import checksum_exprs
@@ -60,6 +61,9 @@ def relation(table: Table, side: str) -> sql.Composed:
 
 
 def row_hash(table: Table, side: str, h: Hashing = Hashing()) -> sql.Composable:
+    if not table.columns:  # ROW() would hash every row alike: equal counts would pass as equal tables
+        raise DbguardError(f"tables[{table.ref}]: no column list to checksum; the spec must be resolved first "
+                           "(catalog.resolve completes the columns from the source catalog)")
     cols = sql.SQL(", ").join(x for c in table.columns for x in checksum_exprs(table, c, side, h.tolerance,
                                                                                    h.algorithm))
     if h.algorithm == "md5":

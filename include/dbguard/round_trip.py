@@ -107,9 +107,11 @@ class PointerWriter:
 
 def differing_rows(spec: MigrationSpec) -> list[tuple[str, tuple]]:
     """(table, key) of every row that differs between source and target (missing, extra or changed)."""
+    from . import catalog
     from .checksum import Hashing, relation, row_hash
     from .ranges import key_text
 
+    spec = catalog.resolve(spec)  # every migrated column, as the checksums compare them
     out = []
     with db.source(spec) as s, db.target(spec) as t:
         h = Hashing.between(spec, s, t)

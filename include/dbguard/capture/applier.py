@@ -136,10 +136,21 @@ def fence_copy(tgt: psycopg.Connection, spec: MigrationSpec, direction: str = "f
     tgt.execute(sql.SQL("SELECT pg_advisory_xact_lock_shared({})").format(_fence_key(spec, direction)))
 
 
+def image_columns(t: Table, who: str) -> list:
+    """The columns a row image carries, in order: the resolved spec's copy columns (what the backfill copies;
+    generated columns regenerate on each side). The trigger writes images in this order and the applier reads
+    them in it, so both must see the resolved table (Route.tables); an empty list means it was not resolved."""
+    if not t.columns:
+        raise CaptureError(f"{who}: tables[{t.ref}] has no resolved column list (the source table is missing, or "
+                           "the spec was not resolved with catalog.resolve); run preflight")
+    return t.copy_columns
+
+
 class _Statements:
     """Per-table SQL for the applier: upsert full images, delete by key. Images are jsonb arrays of text in
-    spec column order; each element is cast to the destination column's catalog type. Generated columns are
-    not written (they regenerate); identity GENERATED ALWAYS columns get OVERRIDING SYSTEM VALUE."""
+    image_columns order; each element is cast to the destination column's catalog type. Columns generated on
+    the destination are not written (they regenerate); identity GENERATED ALWAYS columns get OVERRIDING SYSTEM
+    VALUE."""
 
     def __init__(self, r: Route, t: Table, origin: dict[str, values.ColumnInfo], dest: dict[str, values.ColumnInfo]):
         rel = r.dest_rel(t)
@@ -147,12 +158,13 @@ class _Statements:
         if not dest:
             raise CaptureError(f"drain ({r.direction}): destination table {schema}.{name} does not exist; "
                                "create it (preflight does) before draining")
-        missing = [c.name for c in t.columns if c.name not in dest]
+        carried = image_columns(t, f"drain ({r.direction})")
+        missing = [c.name for c in carried if c.name not in dest]
         if missing:
             raise CaptureError(f"drain ({r.direction}): destination table {schema}.{name} lacks columns {missing}; "
                                "fix tables[].columns or the destination table")
-        idx = {c.name: i for i, c in enumerate(t.columns)}
-        written = [c.name for c in t.columns if not dest[c.name].generated]
+        idx = {c.name: i for i, c in enumerate(carried)}
+        written = [c.name for c in carried if not dest[c.name].generated]
 
         def cast(c: str, doc: str = "dbguard_e") -> sql.Composable:
             return values.cast_expr(sql.SQL("({}->>{})").format(sql.SQL(doc), sql.Literal(idx[c])),
@@ -166,7 +178,7 @@ class _Statements:
             sql.SQL("DO NOTHING")
         overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(dest[c].identity == "a" for c in written) else "")
         # Declared transforms (vector normalisation, a changed analyzer) apply forward, as in the backfill.
-        tfs = {c.name: transforms.source_expr(t, c) for c in t.columns} if r.forward else {}
+        tfs = {c.name: transforms.source_expr(t, c) for c in carried} if r.forward else {}
         changed = [c for c in written if c in tfs and tfs[c] != sql.Identifier(c)]
         if changed:
             def as_origin(c: str) -> sql.Composable:
@@ -174,7 +186,7 @@ class _Statements:
                 return sql.SQL("{} AS {}").format(values.origin_cast(text, origin.get(c), dest[c]), sql.Identifier(c))
 
             inner = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) dbguard_e").format(
-                sql.SQL(", ").join(as_origin(c.name) for c in t.columns))
+                sql.SQL(", ").join(as_origin(c.name) for c in carried))
             vals = sql.SQL(", ").join(
                 sql.SQL("({})::{}").format(tfs[c] if c in changed else sql.Identifier(c), sql.SQL(dest[c].type_sql))
                 for c in written)
@@ -195,7 +207,7 @@ class _Statements:
 
 def _statement_set(r: Route, origin: psycopg.Connection, dest: psycopg.Connection) -> dict[str, _Statements]:
     out = {}
-    for t in r.spec.tables:
+    for t in r.tables:
         out[t.ref] = _Statements(r, t, values.columns(origin, *r.origin_name(t), leaves=False),
                                   values.columns(dest, *r.dest_name(t), leaves=False))
     origin.rollback()

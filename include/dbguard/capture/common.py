@@ -35,6 +35,15 @@ class Route:
     direction: str
 
     @property
+    def tables(self) -> list[Table]:
+        """The spec's tables with their resolved column lists (catalog.resolve: undeclared source columns
+        added in source order, exclude_columns left out, generated columns marked). The trigger's row image
+        and the applier's reading of it are both built from this list, whoever passed the spec in."""
+        from .. import catalog
+
+        return catalog.resolve(self.spec).tables
+
+    @property
     def forward(self) -> bool:
         return self.direction == "forward"
 

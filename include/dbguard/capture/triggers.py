@@ -10,7 +10,7 @@ from psycopg import sql
 from .. import db, guards
 from ..spec import MigrationSpec, Table
 from . import values
-from .applier import ensure_destination
+from .applier import ensure_destination, image_columns
 from .common import (LOCK_ERRORS, SCHEMA, STAGE_OFF, STAGE_ON, CaptureError, Route, _name, function_name,
                      lock_retrying, record, route, trigger_name, truncate_function_name)
 
@@ -71,7 +71,7 @@ def trigger_function_sql(spec: MigrationSpec, t: Table, direction: str = "forwar
     the applier writes (loop guard: its session sets dbguard.applying = on)."""
     infos = infos or {}
     m, d, tn = sql.Literal(spec.name), sql.Literal(direction), sql.Literal(t.ref)
-    cols = [c.name for c in t.columns]
+    cols = [c.name for c in image_columns(t, f"capture_on ({direction})")]
     body = sql.SQL("""
 DECLARE nk jsonb; ok jsonb;
 BEGIN
@@ -106,7 +106,7 @@ END""").format(m=m, d=d, tn=tn, old_key=_texts(t.key, "OLD", infos),
 def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, values.ColumnInfo]]:
     """Catalog facts of every origin table; refuses missing tables/columns naming the spec field."""
     problems, out = [], {}
-    for t in r.spec.tables:
+    for t in r.tables:
         infos = values.columns(conn, *r.origin_name(t))
         schema, name = r.origin_name(t)
         if not infos:
@@ -126,7 +126,7 @@ def _check_tables(conn: psycopg.Connection, r: Route) -> dict[str, dict[str, val
 def _check_nested_money(origin: psycopg.Connection, r: Route, infos: dict[str, dict[str, values.ColumnInfo]]) -> None:
     """money inside an array, composite or range prints (and parses) through lc_monetary, which the text image
     cannot pin to numeric: refuse when origin and destination disagree on it, naming the columns."""
-    nested = [f"{t.ref}.{c.name}" for t in r.spec.tables for c in t.columns
+    nested = [f"{t.ref}.{c.name}" for t in r.tables for c in t.columns
               if values.MONEY in infos[t.ref][c.name].leaves and not infos[t.ref][c.name].money]
     if not nested:
         return
@@ -194,7 +194,7 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                         "RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
                         "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
                         "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
-                for t in spec.tables:
+                for t in r.tables:
                     src.execute(trigger_function_sql(spec, t, direction, infos[t.ref]))
                     rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
                     ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
