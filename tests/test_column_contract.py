@@ -179,7 +179,7 @@ def failures(pair) -> dict:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_column_shape_under_a_writer_through_cutover_and_rollback(dbpair, case):
+def test_column_shape_under_a_writer_through_cutover_and_rollback(dbpair, case, tmp_path, monkeypatch):
     ddl, fields = CASES[case]
     with dbpair.src(autocommit=True) as c:
         c.execute(BASE.replace("%(rows)s", str(ROWS)))
@@ -229,3 +229,10 @@ def test_column_shape_under_a_writer_through_cutover_and_rollback(dbpair, case):
     assert cutover.state(spec, RUN)["primary"] == "source"
     n = assert_same_rows(dbpair, cols, skip=w.after_back)
     assert n > ROWS // 2 and n_after_cutover > ROWS // 2
+    # the report lists the same contract
+    with dbpair.tgt() as t:
+        listed = ledger.metrics(t, RUN)["migrated_columns"]["items"]
+    assert [c.split(" (")[0] for c in listed] == cols, listed
+    monkeypatch.setenv("DBGUARD_REPORT_DIR", str(tmp_path))
+    page = open(stages.finalize(spec, RUN, "rolled_back")["report"]).read()
+    assert f"<li>items: {', '.join(listed)}</li>".replace("->", "-&gt;") in page

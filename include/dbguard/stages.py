@@ -55,11 +55,22 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     # the target as created, against the source (foreign keys, indexes, triggers, RLS and policies come after the backfill)
     out = {**checks, **applied, "schema_differences": target_schema.differences(
         spec, ignore=target_schema.POST_DATA)}
-    with db.target(spec) as tgt:  # what is left out on purpose, for the run report
+    with db.target(spec) as tgt:  # what is left out on purpose, and the resolved list itself, for the run report
         ledger.set_metric(tgt, run_id, spec.name, "excluded_columns",
-                          {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns})
+                          {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns}, commit=False)
+        ledger.set_metric(tgt, run_id, spec.name, "migrated_columns", migrated_columns(spec))
     _event(spec, run_id, "preflight", out)
     return out
+
+
+def migrated_columns(spec: MigrationSpec) -> dict[str, list[str]]:
+    """The resolved column contract per table, as the run report lists it: every column copy, checksum,
+    capture and apply carry, in order, with a declared type change or a generated column marked."""
+    def label(c) -> str:
+        if c.generated:
+            return f"{c.name} (generated)"
+        return f"{c.name} ({c.type} -> {c.target_type})" if c.target_type and c.target_type != c.type else c.name
+    return {t.ref: [label(c) for c in t.columns] for t in catalog.resolve(spec).tables}
 
 
 def _capturing(spec: MigrationSpec) -> bool:

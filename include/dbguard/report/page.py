@@ -191,7 +191,7 @@ def query_table(shadow: pd.DataFrame) -> str:
 
 
 SKIP_METRICS = {"reconcile", "final_verify", "cutover_steps", "rollback_steps", "excluded_columns",
-                "schema_objects"}
+                "schema_objects", "migrated_columns"}
 
 
 def metrics_table(m: dict) -> str:
@@ -240,6 +240,15 @@ def schema_html(m: dict) -> str:
                    for t, kinds in objs.items() for o in kinds)
     return ("<h2>Schema on the target</h2><table><tr><th>table</th><th>objects</th><th>source</th><th>target</th>"
             "<th></th></tr>" + rows + "</table>")
+
+
+def migrated_html(m: dict) -> str:
+    """The resolved column contract (metric migrated_columns): what every stage carried, per table."""
+    cols = m.get("migrated_columns")
+    if not isinstance(cols, dict) or not cols:
+        return ""
+    return ("<h2>Columns migrated</h2><ul>" + "".join(
+        f"<li>{esc(t)}: {esc(', '.join(map(str, c)))}</li>" for t, c in cols.items()) + "</ul>")
 
 
 def events_table(events: list[dict]) -> str:
@@ -334,7 +343,7 @@ def render(spec: MigrationSpec, run_id: str, data: dict, base: Path) -> str:
 {cutover_html(spec, m, f)}
 <h2>Plots</h2><div class="plots">{imgs or "<p class='muted'>nothing to plot</p>"}</div>
 {incident_html(data.get("incident"))}
-<h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{excluded_html(m)}{schema_html(m)}
+<h2>Tables</h2>{_fmt_frame(f["tables"], {"seconds": "s"})}{migrated_html(m)}{excluded_html(m)}{schema_html(m)}
 <h2>Key ranges</h2>{ranges_table(f["ranges"])}
 {"<h2>Shadow reads per store</h2>" + query_table(f["shadow"]) if len(f["shadow"]) else ""}
 <h2>Result (JSON line)</h2><table>{res}</table>
