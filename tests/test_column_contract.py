@@ -236,3 +236,28 @@ def test_column_shape_under_a_writer_through_cutover_and_rollback(dbpair, case, 
     monkeypatch.setenv("DBGUARD_REPORT_DIR", str(tmp_path))
     page = open(stages.finalize(spec, RUN, "rolled_back")["report"]).read()
     assert f"<li>items: {', '.join(listed)}</li>".replace("->", "-&gt;") in page
+
+
+def test_an_excluded_not_null_column_without_default_is_refused_before_the_flip(dbpair):
+    """Reverse capture carries the migrated columns only: the source could not take back a row the application
+    writes on the target while an excluded column is NOT NULL without a default, so rollback would lose it.
+    Cutover and a run that will cut over refuse it, naming the column and the fix; a copy-only run may."""
+    with dbpair.src(autocommit=True) as c:
+        c.execute(BASE.replace("%(rows)s", "20"))
+        c.execute("ALTER TABLE app.items ALTER COLUMN legacy SET NOT NULL")
+    spec = spec_for({"exclude_columns": ["legacy"]})
+    with pytest.raises(Exception, match=r"exclude_columns: 'legacy' is NOT NULL without a default .*SET DEFAULT"):
+        stages.preflight(spec.model_copy(update={"run_cutover": True}), RUN, dry_run=True)
+    stages.preflight(spec, RUN)  # without run_cutover nothing will need the column back
+    stages.capture_on(spec, RUN)
+    for r in stages.plan_ranges(spec, RUN, "items"):
+        stages.copy_range(spec, RUN, r)
+    assert stages.reconcile(spec, RUN)["checksum_ok"]
+    stages.finish_schema(spec, RUN)
+    assert any("'legacy' is NOT NULL without a default" in r for r in cutover.check_ready(spec, RUN))
+    with pytest.raises(cutover.CutoverError, match="refused before freezing anything: .*'legacy'"):
+        cutover.cutover(spec, RUN)
+    with dbpair.src(autocommit=True) as c:  # the fix the message names
+        c.execute("SELECT set_config('dbguard.allow_ddl', 'on', false)")
+        c.execute("ALTER TABLE app.items ALTER COLUMN legacy SET DEFAULT 'unknown'")
+    assert cutover.check_ready(spec, RUN) == []

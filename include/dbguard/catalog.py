@@ -346,3 +346,22 @@ def resolve(spec, conn: psycopg.Connection | None = None, *, fresh: bool = False
         _cache[key] = out
         _resolved_ids.add(id(out))
     return out
+
+
+def write_back_problems(conn: psycopg.Connection, spec) -> list[str]:
+    """Source columns a rollback could not fill: an excluded column that is NOT NULL without a default (nor
+    identity, nor generated). Reverse capture carries the migrated columns only, so every row the application
+    inserts or updates on the target after the flip would be refused by the source (an upsert checks NOT NULL
+    before it finds the existing row), and rolling back would lose those writes. Read-only; `conn` is the source."""
+    out = []
+    for t in spec.tables:
+        info = describe(conn, t.schema_, t.name) if t.exclude_columns else None
+        for c in (info.columns if info else []):
+            if c.name in t.exclude_columns and c.not_null and c.default is None and not c.identity \
+                    and not c.generated:
+                out.append(f"tables[{t.ref}].exclude_columns: {c.name!r} is NOT NULL without a default on the source "
+                           f"{t.schema_}.{t.name}, so a row written on the target after the cutover could not be "
+                           "written back on rollback; give it a default on the source (ALTER TABLE ... ALTER COLUMN "
+                           "... SET DEFAULT ...) before the run, or migrate the column")
+    return out
+

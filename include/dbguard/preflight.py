@@ -275,6 +275,8 @@ def validate(spec: MigrationSpec) -> dict:
     conc = spec.backfill.concurrency
     with db.source(spec) as src:
         problems += _contract(src, spec)
+        if spec.run_cutover:  # rollback writes the target's rows back: every source column must be fillable
+            problems += catalog.write_back_problems(src, spec)
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
         problems += access.problems(src, spec, "source")  # ownership (capture), row-level security

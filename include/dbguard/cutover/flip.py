@@ -37,6 +37,8 @@ def check_ready(spec: MigrationSpec, run_id: str) -> list[str]:
         reasons.append(f"run {run_id} is already past the cutover (phase {s['phase']}, primary {s['primary']})")
     with db.source(spec) as src:
         why = pointer.reachable(src, spec)
+        from .. import catalog
+        reasons += catalog.write_back_problems(src, spec)  # rollback could not write the target's rows back
     if why:
         reasons.append(f"pointer: {why}")
     return reasons
