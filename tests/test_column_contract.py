@@ -261,3 +261,13 @@ def test_an_excluded_not_null_column_without_default_is_refused_before_the_flip(
         c.execute("SELECT set_config('dbguard.allow_ddl', 'on', false)")
         c.execute("ALTER TABLE app.items ALTER COLUMN legacy SET DEFAULT 'unknown'")
     assert cutover.check_ready(spec, RUN) == []
+
+
+def test_the_dag_doc_states_the_contract_without_reading_the_catalog():
+    """A spec without `columns` migrates every source column: the DAG's doc said '0' columns."""
+    from dbguard.airflow.dag_factory import _columns_md
+
+    t = lambda fields: spec_for(fields).tables[0]  # noqa: E731
+    assert _columns_md(t({})) == "every source column"
+    assert _columns_md(t(CASES["subset_other_order"][1])) == "every source column (2 declared)"
+    assert _columns_md(t({"exclude_columns": ["legacy"]})) == "every source column except `legacy`"

@@ -186,9 +186,16 @@ def _close(b: Build) -> None:
     chain(*b.tail, *release, finalize)
 
 
+def _columns_md(t) -> str:
+    """The column contract as the spec states it (the DAG is built without reading the source's catalog):
+    every source column, with the declared ones counted and the excluded ones named."""
+    out = "every source column" + (f" ({len(t.columns)} declared)" if t.columns else "")
+    return out + (" except " + ", ".join(f"`{c}`" for c in t.exclude_columns) if t.exclude_columns else "")
+
+
 def _doc_md(spec: MigrationSpec, path: str) -> str:
     rows = "\n".join(
-        f"| `{t.schema_}.{t.name}` | `{t.target_schema}.{t.target_name}` | {', '.join(t.key)} | {len(t.columns)} |"
+        f"| `{t.schema_}.{t.name}` | `{t.target_schema}.{t.target_name}` | {', '.join(t.key)} | {_columns_md(t)} |"
         for t in spec.table_order())
     window = f"{spec.window.start}-{spec.window.end} {spec.window.timezone}" if spec.window else "none"
     return (f"# dbguard migration `{spec.name}`\n\n{spec.description}\n\n"
