@@ -204,6 +204,38 @@ def app_role(pair):
         c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def test_the_appliers_marker_lets_no_other_role_past_the_fence_or_the_counter(pair, app_role):
+    """`dbguard.applying = on` marks dbguard's appliers, but any role can SET it: the fence and the
+    foreign-write counter let it through only in a session of the role that installed them."""
+    role, app_dsn = app_role
+    s = part_spec()
+    stages.preflight(s, RUN)
+    stages.capture_on(s, RUN)
+    for r in stages.plan_ranges(s, RUN, "events"):
+        stages.copy_range(s, RUN, r)
+    assert stages.checksum_gate(s, RUN)[0]
+    with pair.tgt() as t:
+        run(t, sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)).as_string(t))
+    with psycopg.connect(psycopg.conninfo.make_conninfo(pair.tgt_dsn, user=role), autocommit=True) as t:
+        t.execute("SET dbguard.applying = on")
+        t.execute("UPDATE events_2024 SET v = upper(v) WHERE id = (SELECT min(id) FROM events_2024)")
+    with pair.src() as src:
+        assert watermark.verify(s, RUN, src) is None  # counted: the verify compares whole tables
+        fence.install(src, s, "source")
+        src.commit()
+    with psycopg.connect(app_dsn, autocommit=True) as c:
+        c.execute("SET dbguard.applying = on")
+        for stmt in WRITES[:5]:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="fenced"):
+                c.execute(stmt)
+    with pair.src() as c:  # the reverse applier's session (the installer's role with the marker) passes
+        c.execute("SET dbguard.applying = on")
+        run(c, WRITES[0])
+        fence.remove(c, s, "source")
+        c.commit()
+    stages.release(s, RUN, verify=False)
+
+
 def test_schema_freeze_holds_for_partitions_replica_sessions_and_any_role(pair, app_role):
     role, app_dsn = app_role
     s = part_spec()

@@ -1,5 +1,6 @@
 """The write fence: a statement trigger on every migrated table of the old primary that refuses writes
-(INSERT/UPDATE/DELETE/TRUNCATE) unless the session is dbguard's applier (`dbguard.applying = on`).
+(INSERT/UPDATE/DELETE/TRUNCATE) unless the session is dbguard's applier (`dbguard.applying = on` in a session of the role that installed the
+fence: any role can set the marker, so it alone lets nothing through).
 
 A straggling client that did not follow the pointer gets an error naming the migration and the new
 primary instead of silently splitting the data. ENABLE ALWAYS: it fires under
@@ -19,7 +20,10 @@ FUNCTION = """
 CREATE SCHEMA IF NOT EXISTS dbguard;
 CREATE OR REPLACE FUNCTION dbguard.dbguard_fence() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
-  IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF;
+  -- dbguard's applier, and only in a session of the role that put the fence up (any role can SET the marker)
+  IF current_setting('dbguard.applying', true) = 'on' AND (TG_NARGS < 3 OR session_user = TG_ARGV[2]) THEN
+    RETURN NULL;
+  END IF;
   RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
     MESSAGE = format('dbguard: %I.%I is fenced: migration %s has moved the primary to the %s; '
                      'write there (this side is only the fallback, kept current by dbguard)',
@@ -44,9 +48,10 @@ def install(conn: psycopg.Connection, spec: MigrationSpec, side: str) -> list[st
     conn.execute(FUNCTION)
     guards.allow_ddl(conn)  # past the run's schema freeze
     name, done = trigger_name(spec), []
+    role = conn.execute("SELECT session_user").fetchone()[0]  # the appliers connect as this role too
     for t in spec.tables:
-        fn = sql.SQL("dbguard.dbguard_fence({m}, {p})").format(m=sql.Literal(spec.name),
-                                                               p=sql.Literal(f"{other} database"))
+        fn = sql.SQL("dbguard.dbguard_fence({m}, {p}, {u})").format(
+            m=sql.Literal(spec.name), p=sql.Literal(f"{other} database"), u=sql.Literal(role))
         if guards.create_statement_trigger(conn, _rel(t, side), name, "BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE",
                                            fn):
             done.append(t.ref)

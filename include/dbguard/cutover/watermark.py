@@ -44,7 +44,10 @@ CREATE SEQUENCE IF NOT EXISTS dbguard.foreign_writes;
 CREATE OR REPLACE FUNCTION dbguard.dbguard_note_write() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog AS $f$
 BEGIN
-  IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF;
+  -- the applier: the marker in a session of the role that armed the counter (any role can SET the marker)
+  IF current_setting('dbguard.applying', true) = 'on' AND (TG_NARGS < 1 OR session_user = TG_ARGV[0]) THEN
+    RETURN NULL;
+  END IF;
   PERFORM nextval('dbguard.foreign_writes');  -- a sequence: no row lock for concurrent writers to queue on
   RETURN NULL;
 END $f$;
@@ -74,10 +77,11 @@ def arm(spec: MigrationSpec, lock_timeout_ms: int) -> list | None:
 
     def install() -> list | None:
         tgt.execute(FUNCTION)
+        role = tgt.execute("SELECT session_user").fetchone()[0]  # the forward applier connects as this role
         for t in spec.tables:
             rel = relation(t, "target")
             guards.create_statement_trigger(tgt, rel, name, "AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE",
-                                            sql.SQL("dbguard.dbguard_note_write()"))
+                                            sql.SQL("dbguard.dbguard_note_write({})").format(sql.Literal(role)))
             # wait for the target's writers in flight (the verify after us sees them) and read the counter
             # before any later writer can move it
             tgt.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(rel))
