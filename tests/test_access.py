@@ -166,3 +166,35 @@ def test_init_of_a_referenced_table_alone_writes_the_acknowledgement_and_preflig
     assert sp.acknowledge == ["referenced_by public.invoices"]
     assert "public.invoices is not migrated but references public.customers" in text  # the reason beside it
     stages.preflight(sp, "r")
+
+
+def test_an_owner_the_role_is_a_member_of_only_on_the_source_is_refused_for_the_target(dbpair):
+    """The target's table is created with the source's owner (pg_dump restores ownership): membership in that
+    role on the source lets forward capture in, but reverse capture after the flip would fail on the target."""
+    app = "dbg_app_" + uuid.uuid4().hex[:8]
+    for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(app)))
+            c.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(app)))  # an owner's
+    try:
+        with migration_role(dbpair) as role:
+            with dbpair.src() as c:
+                run(c, "CREATE TABLE acct (id bigint PRIMARY KEY, email text)", f'ALTER TABLE acct OWNER TO "{app}"',
+                    f'GRANT "{app}" TO "{role}"')
+            with pytest.raises(PreflightError) as e:
+                stages.preflight(acct_spec(), "r")
+            msg = str(e.value)
+            assert f"target: public.acct (to be created as on the source) is owned by {app}" in msg
+            assert f'GRANT {app} TO "{role}"' in msg and "source: public.acct" not in msg
+            with psycopg.connect(dbpair.tgt_dsn, autocommit=True) as c:
+                c.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(app), sql.Identifier(role)))
+            stages.preflight(acct_spec(), "r")
+            stages.capture_on(acct_spec(), "r")  # forward capture installs as a member of the owner
+            for conn in (dbpair.src(), dbpair.tgt()):  # the app's tables go before the roles
+                with conn:
+                    run(conn, "DROP TABLE acct CASCADE")
+    finally:
+        for dsn in (dbpair.src_dsn, dbpair.tgt_dsn):
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(app)))
+                c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(app)))

@@ -280,6 +280,7 @@ def validate(spec: MigrationSpec) -> dict:
         problems += _source_privileges(src, spec)
         problems += _headroom(src, "source", 2 * conc + 2)
         problems += access.problems(src, spec, "source")  # ownership (capture), row-level security
+        owners = access.source_catalog(src, spec)  # what the target's tables will have (pg_dump restores it)
         refused, acknowledged = referrers.problems(src, spec)  # non-migrated tables referencing migrated ones
         problems += refused
         if not problems:  # vector scan needs the contract to hold
@@ -291,7 +292,7 @@ def validate(spec: MigrationSpec) -> dict:
         with db.target(spec) as tgt:
             problems += _target_privileges(tgt, spec)
             problems += _target_tables(tgt, spec)
-            problems += access.problems(tgt, spec, "target")
+            problems += access.problems(tgt, spec, "target", owners)
             problems += _headroom(tgt, "target", conc + 2)
             problems += _target_extensions(tgt, spec, extensions)
             problems += retrieval.check_target(spec, tgt)
