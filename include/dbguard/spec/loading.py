@@ -172,13 +172,13 @@ def load_spec(path: str | Path) -> MigrationSpec:
     def refuse(where: str, msg: str) -> SpecError:
         return SpecError(str(p), [(where, msg)])
 
+    if p.is_dir():
+        raise refuse("(file)", "is a directory; pass the path of one migration YAML file, "
+                               "e.g. include/migrations/demo_shop.yaml")
     try:  # a regular file of at most the cap: never read a device or a FIFO (it would never end)
         data = read_capped(p, MAX_SPEC_BYTES)
     except FileNotFoundError:
         raise refuse("(file)", "no such file; pass the path of a migration YAML") from None
-    except IsADirectoryError:
-        raise refuse("(file)", "is a directory; pass the path of one migration YAML file, "
-                               "e.g. include/migrations/demo_shop.yaml") from None
     except FileRefused as e:
         raise refuse("(file)", f"{e}; pass the path of one migration YAML file (at most {MAX_SPEC_BYTES:,} bytes)") \
             from None
