@@ -1,5 +1,6 @@
 # dbguard: every target sets itself up on a fresh clone (no stdin, CI=true is fine).
 #   make demo     migrate the demo shop between two embedded PostgreSQL servers
+#   make check    the fast tier for the edit-run loop (no browser, Celery, faults, full DAG runs, big data)
 #   make test     the test suite (real PostgreSQL, real DAG runs)
 #   make bench    benchmarks (JSON lines with speed ratios)
 #   make airflow  Airflow UI (airflow standalone) wired to the embedded servers
@@ -26,7 +27,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help demo test bench faults airflow clean distclean sysdeps celery
+.PHONY: help demo check test bench faults airflow clean distclean sysdeps celery
 
 # Debian packages the tests and demos run for real: PgBouncer (cutover pointer), Redis (Celery
 # broker), Chromium (browser test). Installed when missing and we are root (CI, fresh machines);
@@ -44,7 +45,7 @@ sysdeps:
 	fi
 
 help:
-	@sed -n '2,9s/^#//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '2,10s/^#//p' $(firstword $(MAKEFILE_LIST))
 
 # The virtualenv: pinned requirements, then the package itself (editable, no deps).
 $(VENV_STAMP): requirements.txt pyproject.toml
@@ -68,6 +69,43 @@ demo: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 
 test: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning
+
+# The fast tier: every test except what CHECK_SLOW names (a module is ignored, a test id deselected):
+# the browser, Celery and compose stacks, fault scenarios (kills, interrupted steps), full DAG runs
+# (dag.test(), `dbguard run`), other server versions, HNSW builds and the 250k-row demo data. Still real
+# PostgreSQL: spec, hostile inputs, preflight, backfill, checksum, reconcile, capture, cutover steps,
+# schema, retrieval maths. `make test` (CI) runs all of it; a new slow test belongs in this list.
+CHECK_SLOW := \
+	tests/test_browser.py tests/test_celery.py tests/test_faults.py tests/test_cutover_dag.py \
+	tests/test_dual_writes_dag.py tests/test_retrieval_dag.py tests/test_rerun.py tests/test_rollback.py \
+	tests/test_awkward_pg15.py tests/test_cross_version.py tests/test_secrets.py tests/test_demo_data.py \
+	tests/test_report.py tests/test_retrieval_noise.py \
+	tests/test_cli.py::test_a_failed_run_prints_the_gate_message_in_full_on_stderr \
+	tests/test_cli.py::test_run_is_quiet_with_progress_and_airflow_log_in_a_file \
+	tests/test_cli.py::test_run_ends_with_one_json_line_and_exit_0 \
+	tests/test_dag.py::test_the_demo_dag_passes_end_to_end \
+	tests/test_dag.py::test_a_failing_stage_fails_the_run_after_release_and_finalize \
+	tests/test_hostile.py::test_make_airflow_listens_on_localhost_only \
+	tests/test_identifiers.py::test_orm_identifiers_through_a_real_dag_run_with_a_live_writer \
+	tests/test_init.py::test_init_shop_validates_and_migrates \
+	tests/test_init.py::test_init_docs_emits_stores_with_dim_metric_and_config \
+	tests/test_type_matrix.py::test_every_value_round_trips_from_a_postgresql_15_source \
+	tests/test_capture_fidelity.py::test_every_value_round_trips_from_a_postgresql_15_source \
+	tests/test_capture.py::test_applier_killed_mid_batch_loses_and_duplicates_nothing \
+	tests/test_cutover.py::test_a_failed_cutover_step_leaves_the_source_primary \
+	tests/test_cutover.py::test_an_interrupted_rollback_leaves_one_primary_and_resumes \
+	tests/test_cutover.py::test_demo_round_trip_cli \
+	tests/test_cutover.py::test_pgbouncer_pointer_moves_a_pooled_client_and_back \
+	tests/test_retrieval.py::test_demo_migration_passes_the_gate \
+	tests/test_retrieval.py::test_analyzer_mistake_english_to_simple_fails_the_gate_naming_queries \
+	tests/test_retrieval.py::test_escalation_fails_on_the_poke_that_sees_the_window_run_out \
+	tests/test_retrieval.py::test_demo_gold_set_loads_and_points_at_real_documents \
+	tests/test_vector_store.py::test_metric_mistake_inner_product_on_unnormalised_vectors_is_caught \
+	tests/test_vector_store.py::test_hnsw_results_that_differ_between_builds_still_pass
+CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(t),--ignore=$(t)))
+
+check: $(VENV_STAMP) $(AIRFLOW_STAMP)
+	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(CHECK_ARGS)
 
 bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m bench
