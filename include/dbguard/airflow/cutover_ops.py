@@ -14,7 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from .. import flow, stages
 from . import env
-from .operators import StageOperator
+from .operators import StageOperator, record_failure
 
 
 def task_states(context) -> dict[str, str | None]:
@@ -71,6 +71,7 @@ class Approval(ApprovalOperator):
         return super().execute(context)
 
     def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
+        kwargs.setdefault("on_failure_callback", record_failure)  # rejected in the UI: the run's reason
         super().__init__(fail_on_reject=True, **kwargs)
         self.spec_path = spec_path
 

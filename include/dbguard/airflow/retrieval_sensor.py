@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from .. import retrieval, stages
 from . import env
+from .operators import record_failure
 
 
 class RetrievalGateSensor(BaseSensorOperator):
@@ -18,6 +19,7 @@ class RetrievalGateSensor(BaseSensorOperator):
     def __init__(self, *, spec_path: str, timeout_minutes: float = 60, **kwargs: Any) -> None:
         kwargs.setdefault("mode", "poke")
         kwargs.setdefault("poke_interval", 30)
+        kwargs.setdefault("on_failure_callback", record_failure)  # a timeout or an error: the run's reason
         super().__init__(timeout=timedelta(minutes=timeout_minutes), retries=0, **kwargs)
         self.spec_path = spec_path
 

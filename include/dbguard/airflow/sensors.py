@@ -14,6 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from .. import flow, stages
 from . import env
+from .operators import record_failure
 
 
 class GateSensor(BaseSensorOperator):
@@ -22,6 +23,7 @@ class GateSensor(BaseSensorOperator):
     def __init__(self, *, spec_path: str, gate: str, timeout_minutes: float, **kwargs: Any) -> None:
         kwargs.setdefault("mode", "poke")
         kwargs.setdefault("poke_interval", 5)
+        kwargs.setdefault("on_failure_callback", record_failure)  # a timeout or an error: the run's reason
         super().__init__(timeout=timedelta(minutes=timeout_minutes), retries=0, **kwargs)
         self.spec_path = spec_path
         self.gate = gate
