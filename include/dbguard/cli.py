@@ -441,11 +441,13 @@ def cmd_rollback(args) -> int:
 
     spec = _load(args.spec)
     use_embedded_if_default(spec)
-    out = stages.rollback(spec, args.run_id, drop_target=args.drop_target)  # after a cutover: cutover.rollback
+    out = stages.rollback(spec, args.run_id, drop_target=args.drop_target,  # after a cutover: cutover.rollback
+                          repair_from=args.repair_from)
     if "rollback_ms" in out:
         say(f"rolled back run {out['run_id']} after its cutover in {out['rollback_ms']} ms: the source is the "
             f"primary again, the pointer flipped back, writes made on the target meanwhile "
-            f"({out['writes_after_cutover']['target']}) applied to the source, the target fenced")
+            f"({out['writes_after_cutover']['target']}) applied to the source, the target fenced"
+            + (f"; rows copied from the target under the freeze: {out['repaired']}" if out.get("repaired") else ""))
     else:
         say(f"rolled back run {out['run_id']}: capture off, schema freeze lifted"
             + (f", dropped {', '.join(out['dropped'])}" if out.get("dropped") else ""))
@@ -518,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("spec")
     rb.add_argument("--run-id", help="default: the migration's latest run in the target ledger")
     rb.add_argument("--drop-target", action="store_true", help="also drop the migrated target tables")
+    rb.add_argument("--repair-from", choices=["target"], help="after a cutover, when the rollback found rows that "
+                    "differ under its freeze (it names them): copy those rows from the target onto the source "
+                    "under the same freeze, verify again and complete")
     rb.set_defaults(fn=cmd_rollback)
     e = sub.add_parser("embedded", help="start the embedded servers; print export lines for eval")
     e.set_defaults(fn=cmd_embedded)

@@ -181,7 +181,8 @@ def tail(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return out
 
 
-def rollback(spec: MigrationSpec, run_id: str | None, *, drop_target: bool = False) -> dict[str, Any]:
+def rollback(spec: MigrationSpec, run_id: str | None, *, drop_target: bool = False,
+             repair_from: str | None = None) -> dict[str, Any]:
     """The rollback DAG's one call: after a flip (or a half-done rollback) `cutover.rollback`, which resumes
     from its last checkpoint; before any flip the abort of stages.rollback (optionally dropping the target)."""
     from . import stages
@@ -194,5 +195,5 @@ def rollback(spec: MigrationSpec, run_id: str | None, *, drop_target: bool = Fal
     except Exception:  # noqa: BLE001  no cutover record: nothing was flipped
         phase = None
     if phase in ("cutover", "rolling_back"):  # cutover.state phases: before | cutover | rolling_back | ...
-        return {"run_id": run_id, **cutover.rollback(spec, run_id)}
+        return {"run_id": run_id, **cutover.rollback(spec, run_id, repair_from=repair_from)}
     return stages.rollback(spec, run_id, drop_target=drop_target)

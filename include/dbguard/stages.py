@@ -429,7 +429,8 @@ def latest_run(spec: MigrationSpec) -> str | None:
 
 
 @_resolved
-def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: bool = False) -> dict[str, Any]:
+def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: bool = False,
+             repair_from: str | None = None) -> dict[str, Any]:
     """Abort a run and leave the source as it was: last drain + capture off, schema freeze lifted,
     the run marked rolled_back. With drop_target, the migrated target tables are dropped too (the
     ledger stays). The source is never written to, so nothing there needs undoing."""
@@ -440,7 +441,7 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
     except psycopg.Error:
         phase = "before"
     if phase in ("cutover", "rolling_back", "finished"):  # after a flip: flip back (resumable), or refuse
-        return {"run_id": run_id, **cutover.rollback(spec, run_id)}
+        return {"run_id": run_id, **cutover.rollback(spec, run_id, repair_from=repair_from)}
     out = release(spec, run_id, verify=False)
     if drop_target:
         with db.target(spec) as tgt:

@@ -316,11 +316,15 @@ def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
                       "drops the migrated target tables (the source was never written but for dbguard's own "
                       "bookkeeping). After a cutover: freezes the target, drains the reverse ledger to zero, verifies "
                       "both sides, sets the source's sequences past the target's, flips the pointer back and removes "
-                      "reverse capture; each step is checkpointed, so an interrupted rollback resumes."),
+                      "reverse capture; each step is checkpointed, so an interrupted rollback resumes. When the "
+                      "verify names rows that differ, trigger it again with `repair_from_target`."),
         {"run_id": Param(None, type=["null", "string"], title="Run id",
                          description="The migration run to roll back; empty: the latest run"),
          "drop_target": Param(False, type="boolean", title="Drop target tables",
-                              description="Before a cutover only: also drop the migrated target tables")})
+                              description="Before a cutover only: also drop the migrated target tables"),
+         "repair_from_target": Param(False, type="boolean", title="Repair from the target",
+                                     description="After a cutover only: copy the rows the rollback's verify "
+                                                 "named from the target onto the source, then complete")})
 
 
 def build_finish_dag(spec_path: str | os.PathLike) -> DAG:

@@ -152,9 +152,10 @@ class FinalizeOperator(StageOperator):
 
 
 class RollbackOperator(StageOperator):
-    """The one task of the rollback DAG: abort a run (Params run_id, drop_target)."""
+    """The one task of the rollback DAG: abort a run (Params run_id, drop_target, repair_from_target)."""
 
     def execute(self, context):
         p = context["params"]
         # after a flip: cutover.rollback (resumes from its last checkpoint); before: abort as stages.rollback
-        return flow.rollback(self.spec(), p.get("run_id") or None, drop_target=bool(p.get("drop_target")))
+        return flow.rollback(self.spec(), p.get("run_id") or None, drop_target=bool(p.get("drop_target")),
+                             repair_from="target" if p.get("repair_from_target") else None)

@@ -66,14 +66,31 @@ def reachable(src: psycopg.Connection, spec: MigrationSpec) -> str | None:
 
 
 def hold(spec: MigrationSpec):
-    """Before a freeze: pgbouncer pauses the alias (pooled clients queue in PgBouncer); None otherwise."""
+    """Before a freeze: pgbouncer pauses the alias (pooled clients queue in PgBouncer), bounded like the freeze's
+    locks; None otherwise."""
     if spec.cutover.pointer == "pgbouncer":
         from . import pgbouncer
-        return pgbouncer.pause(spec)
+        return pgbouncer.pause(spec, spec.cutover.lock_timeout_ms * (spec.cutover.retries + 1))
     return None
 
 
-def release(spec: MigrationSpec, held) -> None:
-    if held is not None:
-        from . import pgbouncer
-        pgbouncer.resume(held, spec)
+def release(spec: MigrationSpec, held, side: str) -> str:
+    """After a freeze: RESUME the alias `hold` paused, only once it points at `side` (the committed primary).
+    What happened, in words ("... left PAUSED ..." when it could not)."""
+    from . import pgbouncer
+    return pgbouncer.resume(spec, side, held)[1]
+
+
+def unpause(spec: MigrationSpec, side: str) -> str | None:
+    """A crashed cutover or rollback leaves a pgbouncer alias paused: resume it on `side` (the committed
+    primary). None when there is nothing to do."""
+    if spec.cutover.pointer != "pgbouncer":
+        return None
+    from . import pgbouncer
+    if not pgbouncer.paused(spec):
+        return None
+    ok, msg = pgbouncer.resume(spec, side)
+    if not ok:
+        from ..errors import DbguardError
+        raise DbguardError(f"the pgbouncer alias was left paused by an earlier attempt: {msg}")
+    return msg

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import signal
 import time
 from typing import Any
 
@@ -14,11 +16,12 @@ from ..spec import MigrationSpec
 from . import pointer, state as st
 
 CUTOVER_STEPS = ("prepare", "freeze", "verify", "sequences", "reverse_capture", "fence", "pointer", "unfreeze",
-                 "forward_capture_off")
-ROLLBACK_STEPS = ("freeze", "verify", "sequences", "fence_target", "pointer", "unfreeze", "fence_target_again",
-                  "reverse_capture_off", "release")
-# rollback checkpoints that survive an interruption (the ones before `pointer` live in the freeze transaction)
-DURABLE = ("pointer", "unfreeze", "fence_target_again", "reverse_capture_off")
+                 "resume", "forward_capture_off")
+CUTOVER_COMMITTED = ("resume", "forward_capture_off")  # after the flip's commit: reported, never undone
+ROLLBACK_STEPS = ("freeze", "verify", "sequences", "fence_target", "pointer", "unfreeze", "reverse_capture_off",
+                  "release")
+# rollback checkpoints that survive an interruption (the ones before `pointer` start over from the freeze)
+DURABLE = ("pointer", "unfreeze", "reverse_capture_off", "release")
 
 
 class CutoverError(DbguardError):
@@ -31,7 +34,10 @@ def now() -> str:
 
 class Steps:
     """Times each step, records `cutover.<step>` events, raises CutoverError naming the failing step.
-    `fail_at="<step>"` is a test hook: that step raises before doing anything."""
+
+    `fail_at` is a test hook that puts a fault at an exact point: "<step>" raises before the step does
+    anything; "<step>:after" raises once the step's work is done (a COMMIT the server completed whose reply
+    was lost); "<step>:kill" SIGKILLs this process once the step's work is done (a worker host dying there)."""
 
     def __init__(self, spec: MigrationSpec, run_id: str, kind: str, fail_at: str | None):
         self.spec, self.run_id, self.kind, self.fail_at = spec, run_id, kind, fail_at
@@ -45,6 +51,11 @@ class Steps:
             if self.fail_at == name:
                 raise CutoverError(f"injected failure at {self.kind} step {name!r} (test hook fail_at)")
             yield
+            if self.fail_at == f"{name}:kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.fail_at == f"{name}:after":
+                raise CutoverError(f"injected failure after {self.kind} step {name!r} did its work (test hook "
+                                   "fail_at)")
             ok = True
         except CutoverError:
             raise
