@@ -271,7 +271,8 @@ def cutover_html(spec: MigrationSpec, m: dict, f: dict[str, pd.DataFrame]) -> st
         until = (pd.Timestamp(started.iloc[0]) + pd.Timedelta(minutes=spec.rollback_ttl_minutes)).isoformat()
     until_text = pd.Timestamp(until).strftime("%Y-%m-%d %H:%M:%S UTC") if until else "–"
     back = m.get("rollback_ms") is not None
-    rows = [("pointer", f"{spec.cutover.pointer}: points at the {'source again' if back else 'target'}"), ("writes paused (cutover_ms)", dur_ms(float(m["cutover_ms"]))),
+    rows = [("pointer", f"{spec.cutover.pointer}: points at the {'source again' if back else 'target'}"),
+            ("writes paused (cutover_ms)", dur_ms(float(m["cutover_ms"]))),
             ("rollback offered until", f"{until_text} (rollback_ttl_minutes {spec.rollback_ttl_minutes:g}; "
                                        f"then dbguard_{spec.name}_finish ends the tail)")]
     if back:
