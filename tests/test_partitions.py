@@ -257,6 +257,14 @@ def test_schema_freeze_holds_for_partitions_replica_sessions_and_any_role(pair, 
     with pair.src() as c:  # and its first step did not commit: every row still in the parent's view
         assert c.execute("SELECT count(*) FROM events").fetchone()[0] == 600
         assert not c.execute("SELECT bool_or(inhdetachpending) FROM pg_inherits").fetchone()[0]
+    # objects that hang on a frozen table or partition: dbguard's own triggers, policies, rules
+    stages.capture_on(s, RUN)
+    guard = capture.trigger_name(s) + "_truncate"
+    for stmt in [f"DROP TRIGGER {guard} ON events_2024", f"DROP TRIGGER {guard} ON events",
+                 "CREATE POLICY hide ON events_2024 USING (false)",
+                 "CREATE RULE swallow AS ON INSERT TO events_2023 DO INSTEAD NOTHING"]:
+        _refused(pair.src_dsn, stmt, *frozen)
+    capture.capture_off(s, RUN)
     # session_replication_role = replica: event triggers fire only when ENABLE ALWAYS
     _refused(pair.src_dsn, "ALTER TABLE events ADD COLUMN x int", *frozen, replica=True)
     _refused(pair.src_dsn, "ALTER TABLE events_2024 ADD CONSTRAINT no_y CHECK (v <> 'y')", *frozen, replica=True)

@@ -6,6 +6,8 @@ It must hold against every way in:
   ancestor is frozen is refused too, so `ALTER TABLE events_2024 ...`, `ATTACH`/`DETACH PARTITION` (DDL on
   the parent) and `CREATE TABLE ... PARTITION OF` are refused; `DETACH PARTITION ... CONCURRENTLY`, which
   commits a first step before any end-of-command check, is refused at its start while any freeze holds;
+  what hangs on a frozen table counts as the table: its indexes, triggers (dbguard's own: dropping the
+  TRUNCATE guard or the fence is DDL on the table), constraints, policies and rules;
 - **replica-role sessions**: event triggers are ENABLE ORIGIN by default and do not fire in
   `session_replication_role = replica`; the freeze's are ENABLE ALWAYS;
 - **other roles**: dbguard's own DDL (capture and fence triggers) passes with a row keyed by its transaction
@@ -35,7 +37,7 @@ ALTER TABLE dbguard.frozen ADD COLUMN IF NOT EXISTS root oid;  -- the migrated t
 REVOKE ALL ON dbguard.frozen FROM PUBLIC;
 CREATE OR REPLACE FUNCTION dbguard.freeze_guard() RETURNS event_trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE r record; f record;
+DECLARE r record; f record; rel oid;
 BEGIN
   -- dbguard's own DDL: its transaction holds a pass only the migration role can write
   IF EXISTS (SELECT 1 FROM dbguard.ddl_pass WHERE xid = pg_current_xact_id()) THEN RETURN; END IF;
@@ -54,7 +56,12 @@ BEGIN
   END IF;
   IF TG_EVENT = 'sql_drop' THEN
     FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
-      SELECT * INTO f FROM dbguard.frozen WHERE relid = r.objid LIMIT 1;
+      -- a dropped trigger, constraint, policy or rule: the table it hung on (still there) by its address
+      rel := CASE WHEN r.object_type IN ('trigger', 'table constraint', 'policy', 'rule')
+                       AND cardinality(r.address_names) >= 3
+                  THEN to_regclass(format('%I.%I', r.address_names[1], r.address_names[2]))::oid
+                  ELSE r.objid END;
+      SELECT * INTO f FROM dbguard.frozen WHERE relid = rel ORDER BY relid LIMIT 1;
       IF FOUND THEN
         RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
           f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
@@ -62,12 +69,18 @@ BEGIN
     END LOOP;
   ELSE
     FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+      -- the table the command changed: itself, or the one an index, trigger, policy, rule or constraint is on
+      rel := CASE r.classid
+               WHEN 'pg_class'::regclass THEN coalesce((SELECT indrelid FROM pg_index WHERE indexrelid = r.objid), r.objid)
+               WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid)
+               WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = r.objid)
+               WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = r.objid)
+               WHEN 'pg_constraint'::regclass THEN (SELECT conrelid FROM pg_constraint WHERE oid = r.objid)
+             END;
+      -- a frozen table, or a partition (new or old) of one: CREATE TABLE ... PARTITION OF, ATTACH
       SELECT * INTO f FROM dbguard.frozen
-       WHERE relid = r.objid OR relid = (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid)
-          OR relid = (SELECT tgrelid FROM pg_trigger WHERE oid = r.objid)
-          OR (r.classid = 'pg_class'::regclass
-              AND relid IN (SELECT a.relid FROM pg_partition_ancestors(r.objid) a))
-       ORDER BY relid = r.objid DESC LIMIT 1;  -- name the partition itself when it is the one altered
+       WHERE relid = rel OR relid IN (SELECT a.relid FROM pg_partition_ancestors(rel) a)
+       ORDER BY relid = rel DESC LIMIT 1;  -- name the partition itself when it is the one altered
       IF FOUND THEN
         RAISE EXCEPTION 'dbguard: % is frozen by migration % (run %); DDL is blocked until the run ends',
           f.relname, f.migration, f.run_id USING ERRCODE = 'object_in_use';
