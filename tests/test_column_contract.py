@@ -47,9 +47,7 @@ CASES = {
                                             {"name": "id", "type": "bigint", "nullable": False}]}),
     "no_columns": ("", {}),
     "exclude_columns": ("", {"exclude_columns": ["legacy"]}),
-    # (no default on the changed column: the target keeps no default across a type change yet, which
-    # check_ready rightly names; that is the target schema's concern, not the column contract's)
-    "target_type": ("ALTER TABLE app.items ALTER COLUMN qty DROP DEFAULT;", {"columns": [{"name": "qty", "type": "integer", "target_type": "bigint", "nullable": False},
+    "target_type": ("", {"columns": [{"name": "qty", "type": "integer", "target_type": "bigint", "nullable": False},
                                      {"name": "id", "type": "bigint", "nullable": False}]}),
     "generated": ("ALTER TABLE app.items ADD COLUMN total numeric GENERATED ALWAYS AS (qty * price) STORED;", {}),
     "dropped_columns": ("ALTER TABLE app.items ADD COLUMN gone int DEFAULT 7; ALTER TABLE app.items DROP COLUMN legacy;"
