@@ -250,3 +250,20 @@ def test_a_role_that_cannot_write_as_a_replica_is_refused_when_the_tables_have_t
                               schema_freeze=False), RUN, dry_run=True)
     assert "GRANT SET ON PARAMETER session_replication_role TO dbg_plain" in str(e.value)
     assert "public.items.items_audit" in str(e.value)
+
+
+def test_the_cutover_refuses_a_target_missing_a_policy_or_with_a_trigger_disabled(dbpair):
+    with dbpair.src() as s, dbpair.tgt() as t:
+        _role(s, t)
+        run(s, *APP_DDL)
+    sp = spec([{"name": "items", "key": ["id"]}, {"name": "audit", "key": ["id"]}])
+    migrate(sp, RUN)
+    with dbpair.tgt() as t:
+        run(t, "DROP POLICY own_rows ON items", "ALTER TABLE items DISABLE TRIGGER items_touch",
+            "ALTER TABLE items NO FORCE ROW LEVEL SECURITY", "DROP VIEW item_names")
+    diffs = "\n".join(target_schema.differences(sp))
+    for want in ("policy 'own_rows' missing on the target", "trigger 'items_touch': source ('enabled'",
+                 "row level security force: source True, target False", "view 'public.item_names' missing"):
+        assert want in diffs, diffs
+    with pytest.raises(cutover.CutoverError, match="own_rows"):
+        cutover.cutover(sp, RUN)

@@ -174,14 +174,23 @@ def generate(name: str, source: str, target: str, *, schema: str | None = None, 
 
 
 def _not_reproduced(spec) -> list[tuple[str, str]]:
-    """What schema_dump.plan would leave out for this spec (roles are checked by preflight, on the target)."""
+    """What schema_dump.plan would leave out for this spec (with the target's roles when it is reachable)."""
     from . import schema_dump
 
     from . import referrers
+    from .errors import DbguardError
 
-    with db.source(spec) as src:
-        p = schema_dump.plan(catalog.resolve(spec, src), src, None)
-        refs = referrers.find(src, spec)
+    try:
+        tgt = db.target(spec)
+    except DbguardError:  # not reachable yet: preflight checks the roles there
+        tgt = None
+    try:
+        with db.source(spec) as src:
+            p = schema_dump.plan(catalog.resolve(spec, src), src, tgt)
+            refs = referrers.find(src, spec)
+    finally:
+        if tgt is not None:
+            tgt.close()
     p.close()
     return p.not_reproduced + [  # tables left behind that reference migrated ones (preflight: referenced_by)
         (ack, f"{fks[0]['table']} is not migrated but references {fks[0]['references']}: after the cutover its "

@@ -67,6 +67,8 @@ def describe(conn: psycopg.Connection, schema: str, name: str) -> dict[str, dict
     return out
 
 
+_ONE = {"triggers": "trigger", "policies": "policy", "partitions": "partition", "sequences": "sequence",
+        "views": "view"}
 _ACK_KIND = {"triggers": "trigger", "policies": "policy", "partitions": "partition"}
 
 
@@ -84,14 +86,15 @@ def compare(where: str, src: dict, tgt: dict, *, ignore=(), acknowledged=lambda 
             ack = "materialized_view" if a.get(n) == "materialized view" else _ACK_KIND.get(kind, kind.rstrip("s"))
             if n not in b and acknowledged(f"not_reproduced {ack} {qualify(kind, n)}"):
                 continue
+            one = _ONE.get(kind, kind)
             if kind == "row security":
                 out.append(f"{where}: row level security {n}: source {a.get(n)}, target {b.get(n)}")
             elif n not in b:
-                out.append(f"{where}: {kind[:-1] if kind.endswith('s') else kind} {n!r} missing on the target")
+                out.append(f"{where}: {one} {n!r} missing on the target")
             elif n not in a:
-                out.append(f"{where}: {kind[:-1]} {n!r} exists only on the target")
+                out.append(f"{where}: {one} {n!r} exists only on the target")
             else:
-                out.append(f"{where}: {kind[:-1]} {n!r}: source {a[n]}, target {b[n]}")
+                out.append(f"{where}: {one} {n!r}: source {a[n]}, target {b[n]}")
     return out
 
 
