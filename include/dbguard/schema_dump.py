@@ -198,6 +198,7 @@ class Plan:
     tables: dict[int, object]         # source oid -> spec Table
     roots: dict[int, int]             # partition oid -> its spec table's oid
     matviews: list[tuple[str, str]]   # populated on the source: refreshed after the copy
+    owner_problems: list[str] = field(default_factory=list)  # owners the migration role cannot assign
 
 
     def close(self) -> None:
@@ -299,6 +300,7 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
                                    f"it reads {', '.join(names)}, which the spec does not migrate"))
 
     missing_roles: set[str] = set()
+    owner_problems: list[str] = []
     if tgt is not None:
         roles = {e.owner for e in entries if e.dump_id in keep and e.owner}
         roles |= {r[0] for r in src.execute(
@@ -310,6 +312,12 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
         have = {r[0] for r in tgt.execute("SELECT quote_ident(rolname) FROM pg_roles")} | \
                {r[0] for r in tgt.execute("SELECT rolname FROM pg_roles")}
         missing_roles = {r for r in roles if r not in have}
+        owners = sorted({e.owner for e in entries if e.dump_id in keep and e.owner} - missing_roles)
+        me, su = tgt.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        for r in owners if not su else []:
+            if not tgt.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (r,)).fetchone()[0]:
+                owner_problems.append(f"target: the migrated objects are owned by {r} on the source, and {me} may "
+                                      f"not give the target's to {r}; GRANT {r} TO {me} (or run as a superuser)")
         for r in sorted(missing_roles):
             not_reproduced.append((f"not_reproduced role {r}", "it owns or is granted a migrated object (or is "
                                    f"named by a policy) and does not exist on the target; CREATE ROLE {r} there"))
@@ -335,7 +343,7 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = ANY(%s) AND c.relkind = 'm' AND c.relispopulated ORDER BY c.oid", (list(kept_rels),))]
     return Plan(archive, entries, keep, pre, views, post, not_reproduced, missing_roles, renames, tables, roots,
-                matviews)
+                matviews, owner_problems)
 
 
 def _key_entries(src: psycopg.Connection, tables: dict, kept: list[Entry], by_id: dict) -> set[int]:

@@ -78,7 +78,7 @@ def unreproducible(spec: MigrationSpec) -> list[str]:
             if tgt is not None:
                 tgt.close()
     p.close()
-    out = _replica_role(spec, p)
+    out = _replica_role(spec, p) + p.owner_problems
     return out + [f"{entry}: {why}; the target would not have it. Migrate what it depends on, or accept it by adding "
             f"to the spec: acknowledge: [\"{entry}\"]" for entry, why in p.not_reproduced if not spec.acknowledged(entry)]
 
