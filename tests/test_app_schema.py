@@ -269,3 +269,22 @@ def test_the_cutover_refuses_a_target_missing_a_policy_or_with_a_trigger_disable
         assert want in diffs, diffs
     with pytest.raises(cutover.CutoverError, match="own_rows"):
         cutover.cutover(sp, RUN)
+
+
+def test_a_policy_and_an_index_on_an_excluded_column(dbpair):
+    with dbpair.src() as c:
+        run(c, "CREATE TABLE notes (id int PRIMARY KEY, body text, secret text)",
+            "CREATE INDEX notes_secret_idx ON notes (secret)", "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+            "CREATE POLICY no_secrets ON notes USING (secret IS NULL)")
+    tables = [{"name": "notes", "key": ["id"], "exclude_columns": ["secret"]}]
+    with pytest.raises(PreflightError) as e:
+        stages.preflight(spec(tables), RUN)
+    assert 'acknowledge: ["not_reproduced policy public.notes.no_secrets"]' in str(e.value)
+    assert "exclude_columns" in str(e.value) and "notes_secret_idx" not in str(e.value)  # the index just goes
+    sp = spec(tables, acknowledge=["not_reproduced policy public.notes.no_secrets"])
+    stages.preflight(sp, RUN)
+    assert stages.finish_schema(sp, RUN)["differences"] == []
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT relrowsecurity, (SELECT count(*) FROM pg_policy WHERE polrelid = 'notes'::regclass), "
+                         "(SELECT count(*) FROM pg_index WHERE indrelid = 'notes'::regclass) FROM pg_class "
+                         "WHERE oid = 'notes'::regclass").fetchone() == (True, 0, 1)

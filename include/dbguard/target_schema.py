@@ -309,10 +309,11 @@ def _shape(info: TableInfo, names: set[str] | None = None) -> dict[str, dict]:
         "columns": cols,
         "primary key": tuple(info.primary_key),
         "checks": {c["def"] for c in info.checks},
-        "unique": {tuple(u["columns"]) for u in info.uniques},
+        "unique": {tuple(u["columns"]) for u in info.uniques if names is None or set(u["columns"]) <= names},
         "foreign keys": {(tuple(f["columns"]), f["ref_table"], tuple(f["ref_columns"]), f["tail"])
                          for f in info.foreign_keys},
-        "indexes": {(ix["method"], tuple(ix["columns"]), ix.get("expr")) for ix in info.indexes},
+        "indexes": {(ix["method"], tuple(ix["columns"]), ix.get("expr")) for ix in info.indexes
+                    if names is None or set(ix["columns"]) - {None, ""} <= names},  # an excluded column's go
     }
 
 
