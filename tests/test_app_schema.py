@@ -4,12 +4,16 @@ reproduced on the target by pg_dump; dbguard's own writes (copy, applier, revers
 application's triggers, the application's writes do.
 
 Real PostgreSQL on both sides, the library stages a run goes through, no mocks."""
+import uuid
+
 import psycopg
 import pytest
 
 from dbguard import cutover, ledger, stages, target_schema
 from dbguard.round_trip import migrate
 from dbguard.errors import PreflightError
+from conftest import DbPair, _create_db, _drop_db
+from test_capture_fidelity import pg15_server  # noqa: F401  (fixture)
 from util import run, spec
 
 RUN = "app-schema"
@@ -59,6 +63,25 @@ def _catalog(conn):
 
 
 def test_triggers_rls_policies_and_views_on_the_new_primary_and_back(dbpair):
+    _app_round_trip(dbpair)
+
+
+def test_the_same_from_a_postgresql_15_source(pg15_server, servers, monkeypatch):  # noqa: F811
+    """The issue's setting: a PostgreSQL 15 source (the machine's binaries), the embedded 18 target."""
+    name = "app15_" + uuid.uuid4().hex[:8]
+    src, tgt = _create_db(pg15_server, name), _create_db(servers["target"], name)
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_SOURCE", src)
+    monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_TARGET", tgt)
+    try:
+        with psycopg.connect(src) as c:
+            assert c.info.server_version // 10000 == 15
+        _app_round_trip(DbPair("dbguard_source", "dbguard_target", src, tgt))
+    finally:
+        _drop_db(pg15_server, name)
+        _drop_db(servers["target"], name)
+
+
+def _app_round_trip(dbpair):
     with dbpair.src() as s, dbpair.tgt() as t:
         _role(s, t)
         run(s, *APP_DDL)
