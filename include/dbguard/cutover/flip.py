@@ -82,6 +82,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
             st.write(src, spec, run_id, phase="before", primary_side="source", pointer=spec.cutover.pointer,
                      last_error=None)
             src.commit()
+            _fresh_reverse_capture(spec, run_id)  # outside the freeze: reverse capture goes on inside it
         with steps.step("freeze"):
             cm = capture.quiesced(spec, run_id, "forward", lock_timeout_ms=spec.cutover.lock_timeout_ms,
                                   retries=spec.cutover.retries)
@@ -98,7 +99,6 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
             out["sequences"] = sequences.sync(src, tgt, spec, "source")
             tgt.commit()
         with steps.step("reverse_capture"):
-            _fresh_reverse_capture(spec, run_id)
             capture.capture_on(spec, run_id, direction="reverse")
         with steps.step("fence"):
             fence.install(src, spec, "source")

@@ -87,8 +87,11 @@ def unpause(spec: MigrationSpec, side: str) -> str | None:
     if spec.cutover.pointer != "pgbouncer":
         return None
     from . import pgbouncer
-    if not pgbouncer.paused(spec):
-        return None
+    try:
+        if not pgbouncer.paused(spec):
+            return None
+    except (psycopg.Error, OSError):
+        return None  # the admin console is not reachable: check_ready names that
     ok, msg = pgbouncer.resume(spec, side)
     if not ok:
         from ..errors import DbguardError
