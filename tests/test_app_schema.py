@@ -311,3 +311,21 @@ def test_a_policy_and_an_index_on_an_excluded_column(dbpair):
         assert c.execute("SELECT relrowsecurity, (SELECT count(*) FROM pg_policy WHERE polrelid = 'notes'::regclass), "
                          "(SELECT count(*) FROM pg_index WHERE indrelid = 'notes'::regclass) FROM pg_class "
                          "WHERE oid = 'notes'::regclass").fetchone() == (True, 0, 1)
+
+
+def test_rollback_drop_target_takes_away_what_preflight_created(dbpair):
+    with dbpair.src() as s, dbpair.tgt() as t:
+        _role(s, t)
+        run(s, "CREATE TYPE mood AS ENUM ('sad', 'ok')", *APP_DDL,
+            "ALTER TABLE items ADD COLUMN feeling mood")
+        run(t, "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$")  # not ours
+    sp = spec([{"name": "items", "key": ["id"]}, {"name": "audit", "key": ["id"]}])
+    stages.preflight(sp, RUN)
+    stages.finish_schema(sp, RUN)
+    out = stages.rollback(sp, RUN, drop_target=True)
+    assert not out.get("kept"), out
+    with dbpair.tgt() as t:
+        left = t.execute("SELECT to_regclass('items'), to_regclass('audit'), to_regclass('item_names'), "
+                         "to_regclass('item_count'), to_regtype('mood'), to_regprocedure('write_audit()'), "
+                         "to_regprocedure('touch()') IS NOT NULL").fetchone()
+    assert left == (None, None, None, None, None, None, True)  # the target's own touch() stays

@@ -361,4 +361,4 @@ def apply(spec: MigrationSpec, run_id: str) -> dict:
     if spec.schema_freeze:
         with db.source(spec) as src:
             frozen = freeze(src, spec, run_id)
-    return {"created_database": created_db, "frozen": frozen, "schema_created": len(created["created"])}
+    return {"created_database": created_db, "frozen": frozen, "schema_created": created.get("objects", [])}

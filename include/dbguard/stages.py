@@ -56,6 +56,8 @@ def preflight(spec: MigrationSpec, run_id: str, *, dry_run: bool = False) -> dic
     out = {**checks, **applied, "schema_differences": target_schema.differences(
         spec, ignore=target_schema.POST_DATA)}
     with db.target(spec) as tgt:  # what is left out on purpose, and the resolved list itself, for the run report
+        if applied.get("schema_created"):  # what rollback --drop-target takes away again (a re-run creates none)
+            ledger.set_metric(tgt, run_id, spec.name, "schema_created", applied["schema_created"], commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "excluded_columns",
                           {t.ref: list(t.exclude_columns) for t in spec.tables if t.exclude_columns}, commit=False)
         ledger.set_metric(tgt, run_id, spec.name, "migrated_columns", migrated_columns(spec))
@@ -443,12 +445,11 @@ def rollback(spec: MigrationSpec, run_id: str | None = None, *, drop_target: boo
     if phase in ("cutover", "rolling_back", "finished"):  # after a flip: flip back (resumable), or refuse
         return {"run_id": run_id, **cutover.rollback(spec, run_id, repair_from=repair_from)}
     out = release(spec, run_id, verify=False)
-    if drop_target:
+    if drop_target:  # the undo of preflight's target creation (target_schema.create)
         with db.target(spec) as tgt:
-            for t in spec.tables:
-                tgt.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(db.qname(t.target_schema, t.target_name)))
-            tgt.commit()
-        out["dropped"] = [f"{t.target_schema}.{t.target_name}" for t in spec.tables]
+            ledger.ensure(tgt)
+            created = ledger.metrics(tgt, run_id).get("schema_created") or []
+        out.update(target_schema.drop(spec, created))
     with db.target(spec) as tgt:
         ledger.ensure(tgt)
         ledger.finish_run(tgt, run_id, spec.name, "rolled_back")

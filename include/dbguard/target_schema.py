@@ -42,6 +42,7 @@ def create(spec: MigrationSpec) -> dict:
         if len(existing) == len(spec.tables):
             return {"created": [], "existing": sorted(existing)}
         p = schema_dump.plan(spec, src, tgt)
+        before = _objects(tgt)
         try:
             version = tgt.info.server_version
             for schema in sorted({e.schema for e in p.pre + p.views if e.schema not in ("-", "")}):
@@ -59,10 +60,62 @@ def create(spec: MigrationSpec) -> dict:
                                                                       drop_roles=p.missing_roles),
                                               commit_each=False, tolerate=lambda kind: True)
             tgt.execute("RESET search_path")
+            objects = sorted(_objects(tgt) - before)
             tgt.commit()
         finally:
             p.close()
-    return {"created": created, "existing": sorted(existing)}
+    return {"created": created, "existing": sorted(existing), "objects": objects}
+
+
+# the target's types, functions, sequences and views outside pg_catalog / dbguard / extensions, as the server
+# spells them (regtype / regprocedure / regclass text): what create() added is what drop() may take away
+_OBJECTS = """
+SELECT CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, t.oid::regtype::text FROM pg_type t
+JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE t.typtype IN ('e', 'd', 'c') AND (t.typtype <> 'c' OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'dbguard') AND n.nspname NOT LIKE 'pg\\_%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_type'::regclass AND objid = t.oid AND deptype = 'e')
+UNION ALL
+SELECT 'FUNCTION', p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'dbguard') AND n.nspname NOT LIKE 'pg\\_%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e')
+UNION ALL
+SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' ELSE 'MATERIALIZED VIEW' END, c.oid::regclass::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('S', 'v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'dbguard')
+  AND n.nspname NOT LIKE 'pg\\_%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend WHERE classid = 'pg_class'::regclass AND objid = c.oid AND deptype = 'e')"""
+
+_DROP_ORDER = ("MATERIALIZED VIEW", "VIEW", "SEQUENCE", "FUNCTION", "DOMAIN", "TYPE")
+
+
+def _objects(conn: psycopg.Connection) -> set[tuple[str, str]]:
+    return {(k, n) for k, n in conn.execute(_OBJECTS)}
+
+
+def drop(spec: MigrationSpec, objects: list) -> dict:
+    """Undo of create (rollback --drop-target before a cutover): the target tables (CASCADE: their partitions,
+    indexes, triggers, policies, views), then what preflight recorded it created (metric schema_created), each
+    RESTRICT: one that something else on the target now uses stays, and is named."""
+    dropped, kept = [], []
+    with db.target(spec) as tgt:
+        for t in spec.tables:
+            tgt.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(db.qname(t.target_schema, t.target_name)))
+            dropped.append(f"{t.target_schema}.{t.target_name}")
+        tgt.commit()
+        for kind in _DROP_ORDER:
+            for k, name in objects:
+                if k != kind:
+                    continue
+                tgt.execute("SAVEPOINT dbguard_drop")
+                try:  # the name is the target server's own regtype/regprocedure/regclass text
+                    tgt.execute(sql.SQL("DROP {} IF EXISTS {} RESTRICT").format(sql.SQL(kind), sql.SQL(name)))
+                    dropped.append(f"{kind.lower()} {name}")
+                except psycopg.errors.DependentObjectsStillExist:
+                    tgt.execute("ROLLBACK TO SAVEPOINT dbguard_drop")
+                    kept.append(f"{kind.lower()} {name} (still used on the target)")
+        tgt.commit()
+    return {"dropped": dropped, "kept": kept}
 
 
 def unreproducible(spec: MigrationSpec) -> list[str]:

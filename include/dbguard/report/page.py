@@ -191,7 +191,7 @@ def query_table(shadow: pd.DataFrame) -> str:
 
 
 SKIP_METRICS = {"reconcile", "final_verify", "cutover_steps", "rollback_steps", "excluded_columns",
-                "schema_objects", "migrated_columns"}
+                "schema_objects", "migrated_columns", "schema_created"}
 
 
 def metrics_table(m: dict) -> str:
