@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 from dbguard import ledger, retrieval
 from dbguard.errors import SpecError
-from dbguard.spec import parse_spec
+from dbguard.spec import QdrantHnsw, parse_spec
 from dbguard.stores import qdrant, qdrant_copy, qdrant_payload
 from test_retrieval import T0, simulate_backfill
 from test_vector_store import DIM, clustered, write_gold
@@ -258,3 +258,93 @@ def test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric(airflow_db, dbpa
     assert dag_run.state == "failed" and result["status"] == "failed"
     assert result["checksum_ok"] is True and result["target_store"] == "qdrant"  # intact data, changed meaning
     assert "metric cosine -> ip (Qdrant distance Dot)" in result["reason"], result["reason"][:2000]
+
+
+def test_alias_swap_moves_readers_in_one_request_and_rollback_moves_them_back(dbpair, qd):
+    """Qdrant -> Qdrant's swap (store level): readers search the alias; the swap points it at the new
+    collection in one update_collection_aliases request, the undo points it back, the old collection is kept."""
+    load(dbpair, clustered(120, 5))
+    spec = parse_spec(qspec())
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    qdrant_copy.build(spec, t, v)  # items_v1, the live collection
+    c = qd()
+    assert qdrant.swap_alias(c, "items", COLL) is None  # readers start on v1
+    v2 = v.model_copy(update={"qdrant": v.qdrant.model_copy(update={"collection": "items_v2",
+                                                                      "hnsw": QdrantHnsw(m=32)})})
+    qdrant.create_collection(c, "items_v2", v2)
+    with dbpair.src() as src:
+        cp = qdrant_copy.copy(spec, t, v2, src, c, "items_v2")
+    assert cp["points"] == 120 and not cp["mismatched_batches"]
+    qdrant.delete_points(c, "items_v2", ["7"])  # so the test can tell the two collections apart
+    previous = qdrant.swap_alias(c, "items", "items_v2")
+    assert previous == COLL and qdrant.alias_target(c, "items") == "items_v2"
+    assert c.count("items", exact=True).count == 119  # readers see the new collection through the alias
+    assert qdrant.swap_alias(c, "items", previous) == "items_v2"  # rollback: one request back
+    assert qdrant.alias_target(c, "items") == COLL and c.count("items", exact=True).count == 120
+    assert c.collection_exists("items_v2")  # kept until finish
+
+
+def test_deletes_and_updates_under_a_live_writer_are_applied_once(dbpair, qd):
+    """Dual writes into the collection: a writer inserts, updates and deletes while the copy runs and
+    while windows of the change ledger are applied; after the last window the collection equals the
+    source (reconcile finds nothing to repair), every deleted key is gone, and replaying every window
+    from the copy's snapshot changes nothing."""
+    import threading
+    import time
+
+    from dbguard import capture
+    from dbguard.stores import qdrant_sync
+
+    load(dbpair, clustered(300, 6))
+    spec = parse_spec(qspec(metric="l2", normalize=False))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    capture.capture_on(spec, "dw")
+    stop, deleted, ops = threading.Event(), set(), [0]
+
+    def writer():
+        rng = np.random.default_rng(11)
+        with dbpair.src(autocommit=True) as w:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                k = int(rng.integers(1, 300))
+                vec = "[" + ",".join(repr(float(x)) for x in rng.normal(size=DIM)) + "]"
+                if i % 3 == 0:
+                    w.execute("DELETE FROM vs.items WHERE id = %s", (k,))
+                    deleted.add(k)
+                elif i % 3 == 1:
+                    w.execute("UPDATE vs.items SET body = body || '+', emb = %s WHERE id = %s", (vec, k))
+                else:
+                    w.execute("INSERT INTO vs.items VALUES (%s, 'new', %s)", (1000 + i, vec))
+                ops[0] += 1
+                time.sleep(0.005)
+
+    c = qd()
+    qdrant.create_collection(c, COLL, v)
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        with dbpair.src() as src:
+            cp = qdrant_copy.copy(spec, t, v, src, c, COLL)
+            prev, passes = cp["snapshot"], 0
+            while passes < 4:
+                out = qdrant_sync.apply_window(spec, t, v, src, c, COLL, prev)
+                assert out["dual_write_fail"] == 0
+                prev, passes = out["snapshot"], passes + 1
+                time.sleep(0.3)
+    finally:
+        stop.set()
+        th.join()
+    with dbpair.src() as src:
+        last = qdrant_sync.apply_window(spec, t, v, src, c, COLL, prev)
+        rc = qdrant_copy.reconcile(spec, t, v, src, c, COLL, [[None, None]])
+        n_src = src.execute("SELECT count(*) FROM vs.items").fetchone()[0]
+        gone = {k for (k,) in src.execute("SELECT k FROM unnest(%s::bigint[]) k WHERE NOT EXISTS "
+                                          "(SELECT 1 FROM vs.items WHERE id = k)", (sorted(deleted),)).fetchall()}
+        before = qdrant.RangeSum.of(qdrant.read_range(c, COLL, v, None, None))
+        replay = qdrant_sync.apply_window(spec, t, v, src, c, COLL, cp["snapshot"])  # every window again
+    assert ops[0] > 30 and gone and last["keys"] >= 0
+    assert (rc["missing"], rc["extra"], rc["differing"], rc["repaired"]) == (0, 0, 0, 0), rc
+    assert rc["points"] == n_src
+    assert c.retrieve(COLL, sorted(gone)) == []
+    assert replay["keys"] > 0 and qdrant.RangeSum.of(qdrant.read_range(c, COLL, v, None, None)) == before

@@ -73,6 +73,8 @@ class Source:
         self.conn, self.table, self.store = conn, table, store
         key = table.key[0]
         types = _catalog_types(conn, table, [key, *store.qdrant.payload])
+        conn.rollback()
+        self.snapshot: str | None = None  # the snapshot `batches` read (dual writes start after it)
         self.cast = sql.SQL(_KEY_CASTS[types[key]])
         self.encoders = [(c, qdrant_payload.encoder(types[c])) for c in store.qdrant.payload]
         self.key = sql.Identifier(key)
@@ -101,9 +103,12 @@ class Source:
         return sql.SQL("").join(sql.SQL(" AND ") + p for p in parts), params
 
     def batches(self, rows: int) -> Iterator[list[qdrant.Point]]:
-        """The whole table in key order, `rows` points at a time (one snapshot, one cursor)."""
+        """The whole table in key order, `rows` points at a time (one snapshot, kept in `self.snapshot`)."""
         q = self.select + sql.SQL(" ORDER BY {}").format(self.key)
+        self.conn.rollback()
         with self.conn.transaction(), self.conn.cursor(name="dbguard_qdrant_copy", binary=False) as cur:
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            self.snapshot = self.conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
             cur.itersize = rows
             cur.execute(q)
             while True:
@@ -181,6 +186,7 @@ def copy(spec: MigrationSpec, table: Table, store: VectorStore, src: psycopg.Con
                     out["mismatched_batches"].append([pts[0].id, pts[-1].id])
         out["verify_seconds"] += time.perf_counter() - tv
     out["seconds"] = time.perf_counter() - t0
+    out["snapshot"] = source.snapshot
     out["ranges"] = [[None if i == 0 else f, firsts[i + 1] if i + 1 < len(firsts) else None]
                      for i, f in enumerate(firsts)] or [[None, None]]
     return out
