@@ -222,6 +222,10 @@ class RangeSum:
     count: int
     checksum: int   # sum of point hashes mod 2^64: order-independent
 
+    def __add__(self, other: "RangeSum") -> "RangeSum":
+        """Sums of disjoint ranges add up to the sum of their union."""
+        return RangeSum(self.count + other.count, (self.checksum + other.checksum) & MASK64)
+
     @classmethod
     def of(cls, points: Iterator[Point] | list[Point]) -> "RangeSum":
         n, s = 0, 0
@@ -269,7 +273,7 @@ def retrieve(c, name: str, store: VectorStore, keys: list[str]) -> list[Point]:
 
 
 def read_range(c, name: str, store: VectorStore, lo: str | None, hi: str | None, *,
-               page: int = 1000, vectors: bool = True) -> Iterator[Point]:
+               page: int = 1024, vectors: bool = True) -> Iterator[Point]:
     """Points with lo <= id < hi (None: unbounded), in id order (Qdrant scrolls by id)."""
     vn = store.qdrant.vector_name
     offset = None if lo is None else point_id(lo)

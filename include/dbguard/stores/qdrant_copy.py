@@ -201,32 +201,35 @@ def reconcile(spec: MigrationSpec, table: Table, store: VectorStore, src: psycop
     out: dict[str, Any] = {"ranges": len(ranges), "bisected": 0, "repaired": 0, "unresolved": [], "points": 0,
                            "checksum": 0}
 
-    def walk(lo: str | None, hi: str | None, depth: int) -> None:
+    def walk(lo: str | None, hi: str | None) -> qdrant.RangeSum:
+        """The range's target sum after any repair (the top-level ranges partition the id space, so
+        their sums add up to the collection's: no second pass over it)."""
         src_pts = source.range(lo, hi)
         want, have = expected(store, src_pts), list(qdrant.read_range(c, name, store, lo, hi))
-        if qdrant.RangeSum.of(want) == qdrant.RangeSum.of(have):
-            return
+        have_sum = qdrant.RangeSum.of(have)
+        if qdrant.RangeSum.of(want) == have_sum:
+            return have_sum
         keys = [p.id for p in src_pts]
         if len(keys) > leaf:
             out["bisected"] += 1
             mid = keys[len(keys) // 2]
-            walk(lo, mid, depth + 1)
-            walk(mid, hi, depth + 1)
-            return
+            return walk(lo, mid) + walk(mid, hi)
         d = diff(store, want, have, tol)
         if not any(d.values()):
-            return
+            return have_sum
         for k in found:
             found[k] += len(d[k])
         out["repaired"] += repair(c, name, store, src_pts, d)
         if on_range:
             on_range(lo, hi, json.dumps(d))
-        if any(diff(store, want, list(qdrant.read_range(c, name, store, lo, hi)), tol).values()):
+        after = list(qdrant.read_range(c, name, store, lo, hi))
+        if any(diff(store, want, after, tol).values()):
             out["unresolved"].append([lo, hi])
+        return qdrant.RangeSum.of(after)
 
+    total = qdrant.RangeSum(0, 0)
     for lo, hi in ranges:
-        walk(lo, hi, 0)
-    total = qdrant.RangeSum.of(qdrant.read_range(c, name, store, None, None))
+        total = total + walk(lo, hi)
     out.update(found, points=total.count, checksum=total.checksum)
     out["checksum_ok"] = not out["unresolved"]
     return out
