@@ -251,6 +251,8 @@ def test_docs_into_qdrant_pass_every_gate_in_a_dag_run(airflow_db, dbpair, qd, t
     assert (pins["TARGET_STORE"], pins["EMBED_MODEL_VER"], pins["EMBED_DIM"], pins["NORM"]) == (
         "qdrant", "tfidf-svd-stdlib-v1", "128", "l2"), pins
     assert '"distance": "Cosine"' in pins["INDEX"] and len(pins["INDEX_HASH"]) == 32
+    from pathlib import Path
+    assert "pgvector → qdrant" in Path(result["report"]).read_text()  # the report names the store kinds
 
 
 def test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric(airflow_db, dbpair, qd, tmp_path, monkeypatch):

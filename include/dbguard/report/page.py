@@ -106,6 +106,8 @@ def gates(spec: MigrationSpec, data: dict, f: dict[str, pd.DataFrame]) -> list[t
         out.append(("orphans (rows without parent, final check)", f"{orphans:,}", "0", orphans == 0))
     if "migrated_rows" in m:
         out.append(("migrated rows", num(m["migrated_rows"]), "", None))
+    if m.get("target_store") == "qdrant":  # the stores the retrieval gate compared
+        out.append(("vector store kinds (source → target)", "pgvector → qdrant", "", None))
     if "dual_write_fail" in m:
         out.append(("dual_write_fail (change ops not applied)", num(m["dual_write_fail"]), "0",
                     not m["dual_write_fail"]))

@@ -301,9 +301,10 @@ def write_batch(c, name: str, store: VectorStore, points: list[Point], *, retrie
     if not points:
         return
     vn = store.qdrant.vector_name
-    vecs = [p.vector.tolist() for p in points]
-    batch = m.Batch(ids=[point_id(p.id) for p in points], vectors={vn: vecs} if vn else vecs,
-                    payloads=[p.payload for p in points])
+    # PointStructs, as upload_points sends them: a Batch is turned into PointStructs client-side anyway
+    # (measured: 1,000-point Batches 4.5 s, PointStruct lists 3.5 s per 10,000 x 384 in local mode)
+    batch = [m.PointStruct(id=point_id(p.id), vector={vn: p.vector.tolist()} if vn else p.vector.tolist(),
+                           payload=p.payload) for p in points]
     for attempt in range(retries):
         try:
             c.upsert(name, points=batch, wait=True)
