@@ -109,7 +109,8 @@ def test_payload_of_every_supported_type_round_trips(dbpair, qd):
             sql.Literal(DIM)))
         c.execute(sql.SQL("INSERT INTO vs.items VALUES (7, 'x', {}, %s)").format(
             sql.SQL(", ").join(sql.Placeholder() for _ in PAYLOAD_TYPES)),
-            [Jsonb(val) if isinstance(val, dict) else val for _, _, val in PAYLOAD_TYPES] + ["[" + ",".join(["0.5"] * DIM) + "]"])
+            [Jsonb(val) if isinstance(val, dict) else val for _, _, val in PAYLOAD_TYPES]
+            + ["[" + ",".join(["0.5"] * DIM) + "]"])
         c.execute("UPDATE vs.items SET f_nan = 'NaN' WHERE id = 7")
     out = qdrant_copy.build(spec, t, v)
     assert out["checksum_ok"] and out["points"] == 1

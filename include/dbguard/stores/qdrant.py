@@ -99,8 +99,9 @@ def client(conn_id: str):
         try:
             _clients[key] = QdrantClient(**kw)
         except Exception as e:  # portalocker: another process holds the local directory
-            raise ConnectionFailed(f"cannot open Qdrant connection {conn_id!r} ({kw.get('path') or kw.get('url') or kw.get('host') or kw.get('location')}): "
-                                   f"{e}; stop the other process or point {db.env_var(conn_id)} at a server") from None
+            where = kw.get("path") or kw.get("url") or kw.get("host") or kw.get("location")
+            raise ConnectionFailed(f"cannot open Qdrant connection {conn_id!r} ({where}): {e}; stop the other "
+                                   f"process or point {db.env_var(conn_id)} at a server") from None
     return _clients[key]
 
 

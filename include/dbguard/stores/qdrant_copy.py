@@ -144,7 +144,8 @@ def diff(store: VectorStore, want: list[qdrant.Point], have: list[qdrant.Point],
                 and a.vector.shape == b.vector.shape and np.allclose(a.vector, b.vector, rtol=0, atol=tolerance)):
             continue  # the store's own renormalisation, an ulp away
         differing.append(pid)
-    return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()), "differing": sorted(differing)}
+    return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()),
+            "differing": sorted(differing)}
 
 
 def repair(c, name: str, store: VectorStore, source_points: list[qdrant.Point], d: dict[str, list[str]]) -> int:
