@@ -75,7 +75,7 @@ def problems(conn: psycopg.Connection, spec: MigrationSpec, side: str, source: C
                    else "neither owns it nor is superuser")
             out.append(
                 f"{side}: {schema}.{name}{will} has row-level security enabled{' and forced' if forced else ''}, and "
-                f"role {role} {why} and has no BYPASSRLS: it reads only the rows its policies show, and COPY, "
+                f"role {role} {why}; without BYPASSRLS it reads only the rows its policies show, and COPY, "
                 f"counts and checksums would all agree on that subset while rows are missing. As a superuser run "
                 f"ALTER ROLE {_ident(conn, role)} BYPASSRLS (or run dbguard as a superuser)")
     return out
