@@ -329,3 +329,18 @@ def test_rollback_drop_target_takes_away_what_preflight_created(dbpair):
                          "to_regclass('item_count'), to_regtype('mood'), to_regprocedure('write_audit()'), "
                          "to_regprocedure('touch()') IS NOT NULL").fetchone()
     assert left == (None, None, None, None, None, None, True)  # the target's own touch() stays
+
+
+def test_a_table_the_migration_role_cannot_read_does_not_stop_pg_dump(dbpair, monkeypatch):
+    with dbpair.src() as s, dbpair.tgt() as t:
+        for c in (s, t):
+            c.execute("DO $$ BEGIN CREATE ROLE dbg_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+            c.execute(f"GRANT CREATE ON DATABASE {c.info.dbname} TO dbg_plain")
+            c.execute("GRANT ALL ON SCHEMA public TO dbg_plain")
+            c.commit()
+        run(s, "CREATE TABLE payroll (id int PRIMARY KEY)",  # not migrated, and not readable by the role
+            "CREATE TABLE kept (id int PRIMARY KEY, body text)", "ALTER TABLE kept OWNER TO dbg_plain")
+    for var, dsn in (("AIRFLOW_CONN_DBGUARD_SOURCE", dbpair.src_dsn), ("AIRFLOW_CONN_DBGUARD_TARGET", dbpair.tgt_dsn)):
+        monkeypatch.setenv(var, dsn.replace("postgresql://postgres@", "postgresql://dbg_plain@"))
+    out = stages.preflight(spec([{"name": "kept", "key": ["id"]}], schema_freeze=False), RUN, dry_run=True)
+    assert out["dry_run"] is True  # was: pg_dump: permission denied for table payroll

@@ -180,6 +180,12 @@ FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s A
   AND d.classid IN ('pg_rewrite'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass,
                     'pg_constraint'::regclass, 'pg_class'::regclass)"""
 
+_UNREADABLE = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%%' AND NOT has_table_privilege(c.oid, 'SELECT')"""
+
 # on 9.x there is no relispartition (no declarative partitions)
 _NO_PARTITIONS = "SELECT unnest(%s::oid[])"
 
@@ -210,8 +216,11 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
     tmp = Path(tempfile.mkdtemp(prefix="dbguard-schema-"))
     archive = tmp / "schema.dump"
     dsn, env = _libpq_env(db.dsn_for(spec.source.conn_id))
+    # pg_dump locks every table it dumps (LOCK ... ACCESS SHARE needs SELECT): leave out the ones this role
+    # cannot read; the spec's tables are not among them (preflight requires SELECT on those)
+    unreadable = [r[0] for r in src.execute(_UNREADABLE)]
     _run([tool("pg_dump"), "--schema-only", "-Fc", "--no-publications", "--no-subscriptions",
-          "-f", str(archive), "-d", dsn], env)
+          *[a for name in unreadable for a in ("-T", name)], "-f", str(archive), "-d", dsn], env)
     entries = _parse(_run([tool("pg_restore"), "-l", "-v", str(archive)]))
     by_id = {e.dump_id: e for e in entries}
     by_cat = {(e.classid, e.objid): e for e in entries if e.classid}
