@@ -351,3 +351,26 @@ def test_deletes_and_updates_under_a_live_writer_are_applied_once(dbpair, qd):
     assert rc["points"] == n_src
     assert c.retrieve(COLL, sorted(gone)) == []
     assert replay["keys"] > 0 and qdrant.RangeSum.of(qdrant.read_range(c, COLL, v, None, None)) == before
+
+
+def test_persistent_local_mode_keeps_every_point_after_the_client_closes(dbpair, monkeypatch, tmp_path):
+    """The embedded default: local mode in a directory (SQLite in WAL mode). A new client on the same
+    directory (as the next task's process would open it) finds the collection whole: reconcile finds
+    nothing to repair. qdrant-client 1.20 reloads a Cosine collection's vectors as they were sent (raw
+    lengths), not as the unit vectors it returned before: the point compare takes them as directions."""
+    monkeypatch.setenv("AIRFLOW_CONN_QDRANT_DEFAULT", f"qdrant://?path={tmp_path / 'qd'}")
+    qdrant.close_all()
+    load(dbpair, clustered(300, 12, norm_spread=0.5))
+    spec = parse_spec(qspec(normalize=False))  # Cosine collection, raw vectors sent
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    assert qdrant_copy.build(spec, t, v)["checksum_ok"]
+    qdrant.close_all()
+    c = qdrant.client("qdrant_default")
+    try:
+        assert c.count(COLL, exact=True).count == 300
+        with dbpair.src() as src:
+            rc = qdrant_copy.reconcile(spec, t, v, src, c, COLL, [[None, None]])
+        assert (rc["missing"], rc["extra"], rc["differing"], rc["repaired"]) == (0, 0, 0, 0), rc
+        assert rc["points"] == 300 and rc["checksum_ok"]
+    finally:
+        qdrant.close_all()

@@ -98,6 +98,7 @@ def client(conn_id: str):
             atexit.register(close_all)  # before interpreter teardown, when the local store can still flush
         try:
             _clients[key] = QdrantClient(**kw)
+            tune_local_storage(_clients[key])
         except Exception as e:  # portalocker: another process holds the local directory
             where = kw.get("path") or kw.get("url") or kw.get("host") or kw.get("location")
             raise ConnectionFailed(f"cannot open Qdrant connection {conn_id!r} ({where}): {e}; stop the other "
@@ -128,6 +129,22 @@ def is_local(c) -> bool:
     return type(c._client).__name__ == "QdrantLocal"
 
 
+def tune_local_storage(c) -> None:
+    """Persistent local mode writes each point in its own SQLite transaction, and the default journal
+    syncs every commit to disk: ~300 points/s here, 11.7 of 17.6 s of the docs demo's collection build.
+    WAL with synchronous=NORMAL keeps every commit atomic and durable across a crash of the process
+    (not of the machine), which is what a local development store needs; a server is unaffected.
+    Reaches into the client's local storage (private): when that changes, this does nothing."""
+    if not is_local(c):
+        return
+    for coll in getattr(c._client, "collections", {}).values():
+        con = getattr(getattr(coll, "storage", None), "storage", None)
+        if con is not None:
+            with contextlib.suppress(Exception):
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+
+
 # ---- the collection ---------------------------------------------------------------------------
 
 def distance(store: VectorStore) -> str:
@@ -154,6 +171,7 @@ def create_collection(c, name: str, store: VectorStore) -> None:
     params = m.VectorParams(size=store.dim, distance=m.Distance(distance(store)), hnsw_config=hnsw)
     c.create_collection(name, vectors_config={q.vector_name: params} if q.vector_name else params,
                         hnsw_config=hnsw, quantization_config=quant)
+    tune_local_storage(c)
 
 
 def describe(c, name: str, vector_name: str | None) -> dict[str, Any] | None:

@@ -141,11 +141,23 @@ def diff(store: VectorStore, want: list[qdrant.Point], have: list[qdrant.Point],
         if a.digest() == b.digest():
             continue
         if (cosine and qdrant_payload.canonical(a.payload) == qdrant_payload.canonical(b.payload)
-                and a.vector.shape == b.vector.shape and np.allclose(a.vector, b.vector, rtol=0, atol=tolerance)):
-            continue  # the store's own renormalisation, an ulp away
+                and _same_direction(a.vector, b.vector, tolerance)):
+            continue  # the store's own (re)normalisation: same unit vector within the tolerance
         differing.append(pid)
     return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()),
             "differing": sorted(differing)}
+
+
+def _same_direction(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
+    """A Cosine collection's vector compared as a direction: an ulp of renormalisation, or local mode's
+    raw vector after a reload (qdrant-client 1.20 reloads what was sent, not the unit vector it
+    searched before), is the same point."""
+    if a.shape != b.shape:
+        return False
+    na, nb = np.linalg.norm(a.astype(np.float64)), np.linalg.norm(b.astype(np.float64))
+    if na == 0 or nb == 0:
+        return na == nb
+    return bool(np.allclose(a / na, b / nb, rtol=0, atol=tolerance))
 
 
 def repair(c, name: str, store: VectorStore, source_points: list[qdrant.Point], d: dict[str, list[str]]) -> int:
