@@ -180,6 +180,27 @@ FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s A
   AND d.classid IN ('pg_rewrite'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass,
                     'pg_constraint'::regclass, 'pg_class'::regclass)"""
 
+_USER_FUNCTIONS = """
+SELECT p.oid, p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'dbguard') AND n.nspname NOT LIKE 'pg\\_%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid
+                  AND e.deptype = 'e')"""
+
+
+def _called(src: psycopg.Connection, funcs: set[int]) -> set[int]:
+    """`funcs` and the user functions their bodies call, transitively. PostgreSQL records no dependency for a
+    call inside a PL/pgSQL body, so a trigger function's helper is found by its name followed by '('."""
+    user = {oid: (name, body or "") for oid, name, body in src.execute(_USER_FUNCTIONS)}
+    out, todo = set(funcs), list(funcs)
+    while todo:
+        body = user.get(todo.pop(), ("", ""))[1]
+        for oid, (name, _) in user.items():
+            if oid not in out and re.search(r'(?<![\w$])"?' + re.escape(name) + r'"?\s*\(', body):
+                out.add(oid)
+                todo.append(oid)
+    return out
+
+
 _UNREADABLE = """
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -264,7 +285,7 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
             break
         kept_rels |= new
     anchors |= {(1259, v) for v in kept_rels}
-    anchors |= {(1255, r[0]) for r in src.execute(_FUNCTIONS, {"r": list(kept_rels)})}
+    anchors |= {(1255, f) for f in _called(src, {r[0] for r in src.execute(_FUNCTIONS, {"r": list(kept_rels)})})}
 
     keep = {by_cat[a].dump_id for a in anchors if a in by_cat}
     given = {e.dump_id for e in entries if e.desc in _GIVEN}
