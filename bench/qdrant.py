@@ -47,7 +47,8 @@ def spec():
                                 {"name": "title", "type": "text"}, {"name": "score", "type": "double precision"},
                                 {"name": "embedding", "type": f"vector({DIM})"}],
                     "vector": [{"column": "embedding", "dim": DIM, "source_metric": "cosine", "metric": "cosine",
-                                "qdrant": {"collection": "bench", "payload": ["title", "score"]}}]}],
+                                "qdrant": {"collection": "bench", "payload": ["title", "score"],
+                                           "batch_points": BATCH}}]}],
         "gold": "unused.jsonl", "backfill": {"batch_rows": BATCH}})
 
 

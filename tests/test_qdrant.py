@@ -34,7 +34,7 @@ def qd(monkeypatch):
 def qspec(gold: str = "g.jsonl", key_type: str = "bigint", metric: str = "cosine", normalize: bool = True,
           source_metric: str = "l2", payload=("body",), columns=(), **qdrant_kw) -> dict:
     store = {"column": "emb", "dim": DIM, "source_metric": source_metric, "metric": metric, "normalize": normalize,
-             "qdrant": {"collection": COLL, "payload": list(payload), **qdrant_kw}}
+             "qdrant": {"collection": COLL, "payload": list(payload), "batch_points": 100, **qdrant_kw}}
     return {"name": "qd", "source": {"conn_id": "dbguard_source"}, "target": {"conn_id": "dbguard_target"},
             "tables": [{"name": "items", "schema": "vs", "key": ["id"],
                         "columns": [{"name": "id", "type": key_type, "nullable": False},
@@ -42,7 +42,7 @@ def qspec(gold: str = "g.jsonl", key_type: str = "bigint", metric: str = "cosine
                                     {"name": "emb", "type": f"vector({DIM})"}],
                         "vector": [store]}],
             "gold": gold, "retrieval": {"k": 10, "recall_queries": 20, "latency_floor_ms": 10_000.0},
-            "backfill": {"batch_rows": 100}}
+            "backfill": {"batch_rows": 250_000}}
 
 
 def load(pair, vectors: np.ndarray, ids=None, key_type: str = "bigint") -> list:

@@ -105,6 +105,8 @@ class QdrantCollection(_Model):
     payload: list[Name] = Field(default_factory=list, description="columns carried as payload (typed, see README)")
     hnsw: QdrantHnsw = Field(default_factory=QdrantHnsw)
     quantization: QdrantQuantization | None = None
+    batch_points: int = Field(1000, ge=1, le=100_000, description="points per upsert (and per verified batch); "
+                                                                 "a server refuses requests over 32 MB by default")
 
     @model_validator(mode="after")
     def _check(self) -> "QdrantCollection":

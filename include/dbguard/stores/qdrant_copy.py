@@ -173,10 +173,12 @@ def _tolerance(spec: MigrationSpec) -> float:
 
 def copy(spec: MigrationSpec, table: Table, store: VectorStore, src: psycopg.Connection, c, name: str, *,
          batch_rows: int | None = None, verify: bool = True) -> dict[str, Any]:
-    """Copy every row as a point; verify each batch (count + checksum, repaired once on a mismatch).
+    """Copy every row as a point, `qdrant.batch_points` per upsert (not backfill.batch_rows: a key range of
+    250,000 rows is one Airflow task, not one request); verify each batch (count + checksum, repaired once
+    on a mismatch).
     Returns the ranges (for reconcile), counts and timings."""
     source = Source(src, table, store)
-    n_rows = batch_rows or spec.backfill.batch_rows
+    n_rows = batch_rows or store.qdrant.batch_points
     tol = _tolerance(spec)
     firsts: list[str] = []
     out = {"points": 0, "batches": 0, "repaired": 0, "verify_seconds": 0.0, "mismatched_batches": []}
