@@ -374,3 +374,30 @@ def test_persistent_local_mode_keeps_every_point_after_the_client_closes(dbpair,
         assert rc["points"] == 300 and rc["checksum_ok"]
     finally:
         qdrant.close_all()
+
+
+def test_a_named_vector_is_copied_verified_and_searched_by_its_name(dbpair, qd):
+    vecs = clustered(150, 13)
+    load(dbpair, vecs)
+    spec = parse_spec(qspec(metric="l2", normalize=False, vector_name="emb_v1"))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    out = qdrant_copy.build(spec, t, v)
+    assert out["checksum_ok"] and out["points"] == 150
+    c = qd()
+    assert qdrant.describe(c, COLL, "emb_v1") == {"size": DIM, "distance": "Euclid"}
+    ids, got = qdrant.search(c, COLL, v, vecs[41], 3)
+    assert ids[0] == "42" and np.array_equal(got[0], vecs[41].astype(np.float32))  # Euclid keeps the bytes
+    other = v.model_copy(update={"qdrant": v.qdrant.model_copy(update={"vector_name": "emb_v2"})})
+    assert "has vectors ['emb_v1'] but the spec names vector 'emb_v2'" in qdrant.check(other, "vs.items.emb")[0]
+
+
+def test_an_existing_collection_of_another_distance_is_refused_before_anything_is_written(dbpair, qd):
+    from dbguard.errors import PreflightError
+
+    load(dbpair, clustered(50, 14))
+    dot = parse_spec(qspec(metric="ip", normalize=False))
+    qdrant.create_collection(qd(), COLL, dot.tables[0].vector[0])
+    spec = parse_spec(qspec())  # cosine
+    with pytest.raises(PreflightError, match=r"exists with size 16 / Dot but the spec says size 16 / Cosine"):
+        qdrant_copy.build(spec, spec.tables[0], spec.tables[0].vector[0])
+    assert qd().count(COLL, exact=True).count == 0
