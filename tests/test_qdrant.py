@@ -252,6 +252,12 @@ def test_docs_into_qdrant_pass_every_gate_in_a_dag_run(airflow_db, dbpair, qd, t
     assert (pins["TARGET_STORE"], pins["EMBED_MODEL_VER"], pins["EMBED_DIM"], pins["NORM"]) == (
         "qdrant", "tfidf-svd-stdlib-v1", "128", "l2"), pins
     assert '"distance": "Cosine"' in pins["INDEX"] and len(pins["INDEX_HASH"]) == 32
+    with dbpair.tgt() as c:  # where the dual writes into the collection start (release applies them)
+        ev = c.execute("SELECT detail FROM dbguard.events WHERE run_id = %s AND stage = 'build_indexes'",
+                       (dag_run.run_id,)).fetchone()[0]
+        snap = c.execute("SELECT value #>> '{vs}' FROM dbguard.metrics WHERE run_id = %s AND name = "
+                         "'qdrant_snapshot'".replace("{vs}", "{docs.documents.embedding}"), (dag_run.run_id,)).fetchone()
+    assert snap and snap[0] and ev["qdrant"][0]["snapshot"], (snap, ev["qdrant"][0])
     from pathlib import Path
     assert "pgvector → qdrant" in Path(result["report"]).read_text()  # the report names the store kinds
 
@@ -401,3 +407,31 @@ def test_an_existing_collection_of_another_distance_is_refused_before_anything_i
     with pytest.raises(PreflightError, match=r"exists with size 16 / Dot but the spec says size 16 / Cosine"):
         qdrant_copy.build(spec, spec.tables[0], spec.tables[0].vector[0])
     assert qd().count(COLL, exact=True).count == 0
+
+
+def test_writes_after_the_collection_is_built_reach_it_at_release(dbpair, qd, tmp_path):
+    """The stage path: capture on, the collection built (its copy's snapshot kept in the ledger), then
+    the application inserts, updates and deletes; the next sync (release runs it under the write
+    freeze) applies exactly those keys, deletes included, and the one after finds nothing new."""
+    from dbguard import capture
+
+    vecs = clustered(200, 15)
+    load(dbpair, vecs)
+    gold = write_gold(tmp_path / "g.jsonl", vecs[::20])
+    spec = parse_spec(qspec(gold=gold, metric="l2", normalize=False))
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    capture.capture_on(spec, "rel")
+    _migrate(spec, dbpair, "rel")
+    with dbpair.src() as w:
+        w.execute("DELETE FROM vs.items WHERE id IN (3, 4)")
+        w.execute("UPDATE vs.items SET body = 'edited' WHERE id = 5")
+        w.execute(f"INSERT INTO vs.items VALUES (500, 'new', '[{','.join(['0.25'] * DIM)}]')")
+    first = retrieval.sync_collections(spec, "rel")
+    r = first["stores"]["vs.items.emb"]
+    assert (r["keys"], r["upserted"], r["deleted"], first["dual_write_fail"]) == (4, 2, 2, 0), r
+    assert retrieval.sync_collections(spec, "rel")["stores"]["vs.items.emb"]["keys"] == 0
+    c = qd()
+    assert c.retrieve(COLL, [3, 4]) == [] and c.retrieve(COLL, [5], with_payload=True)[0].payload == {"body": "edited"}
+    with dbpair.src() as src:
+        rc = qdrant_copy.reconcile(spec, t, v, src, c, COLL, [[None, None]])
+    assert (rc["repaired"], rc["points"]) == (0, 199), rc

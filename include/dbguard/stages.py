@@ -373,6 +373,12 @@ def release(spec: MigrationSpec, run_id: str, *, verify: bool = True) -> dict[st
                 with capture.quiesced(spec, run_id) as (src, info):
                     if verify and not info.get("dual_write_fail"):
                         _verify_tail(spec, run_id, src, out, problems)
+                    if verify and spec.has_stores:  # Qdrant collections: the writes since their copy
+                        q = retrieval.sync_collections(spec, run_id)
+                        if q["stores"]:
+                            out["qdrant"] = q
+                        if q["dual_write_fail"]:
+                            problems.append(f"Qdrant refused {q['dual_write_fail']} dual write(s): {q['stores']}")
                     out["capture_off"] = capture.capture_off(spec, run_id, conn=src)
             except capture.CaptureError as e:
                 if verify:

@@ -14,7 +14,7 @@ Stage-shaped entry points: `preflight`, `check_target`, `scan_vectors`,
 """
 from .gate import diagnosis, gate_poke, next_poke_seconds, retrieval_gate
 from .gold import GoldQuery, GoldSetError, Paraphrase, gold_path, load_gold
-from .manifest import build_indexes, check_target, manifest, preflight, scan_vectors
+from .manifest import build_indexes, check_target, manifest, preflight, scan_vectors, sync_collections
 from .scores import (CHAOTIC, CONVERGENT, DIVERGENT, NOISE, SPLIT, STATES, delta_s, lambda_class, lambda_state,
                      overlap_at_k, p95, worst_state)
 from .shadow import SHADOW_DDL, ensure_shadow_table, fingerprint, measure, record, shadow_reads, summarize
@@ -23,4 +23,4 @@ __all__ = ["CHAOTIC", "CONVERGENT", "DIVERGENT", "NOISE", "SPLIT", "STATES", "Go
            "Paraphrase", "SHADOW_DDL", "build_indexes", "check_target", "delta_s", "diagnosis", "ensure_shadow_table",
            "fingerprint", "gate_poke", "gold_path", "lambda_class", "lambda_state", "load_gold", "manifest", "measure",
            "next_poke_seconds", "overlap_at_k", "p95", "preflight", "record", "retrieval_gate", "scan_vectors",
-           "shadow_reads", "summarize", "worst_state"]
+           "shadow_reads", "summarize", "sync_collections", "worst_state"]

@@ -11,7 +11,7 @@ import psycopg
 from .. import db, ledger
 from ..errors import DbguardError, PreflightError
 from ..spec import MigrationSpec
-from ..stores import qdrant, qdrant_copy
+from ..stores import qdrant, qdrant_copy, qdrant_sync
 from ..stores import search as search_store
 from ..stores import vector as vector_store
 
@@ -67,6 +67,34 @@ def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return {"manifest": pins}
 
 
+QDRANT_SNAPSHOT = "qdrant_snapshot"
+
+
+def sync_collections(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
+    """Dual writes into the Qdrant collections built in this run: apply the change-ledger window since
+    the last pass (the copy's snapshot at first; `qdrant_sync.apply_window`) and keep the new start in
+    the ledger. Its own source connection: safe inside a write freeze held by another session.
+    Returns per store what was applied, and `dual_write_fail` (writes Qdrant refused; retried next pass)."""
+    with db.target(spec) as tgt:
+        ledger.ensure(tgt)
+        snaps = dict(ledger.metrics(tgt, run_id).get(QDRANT_SNAPSHOT) or {})
+    out: dict[str, Any] = {"dual_write_fail": 0, "stores": {}}
+    with db.source(spec) as src:
+        for t, v in vector_store.stores(spec):
+            label = vector_store.label(t, v)
+            if v.qdrant is None or label not in snaps:
+                continue
+            r = qdrant_sync.apply_window(spec, t, v, src, qdrant.client(v.qdrant.conn_id), v.qdrant.collection,
+                                         snaps[label])
+            snaps[label] = r["snapshot"]
+            out["stores"][label] = r
+            out["dual_write_fail"] += r["dual_write_fail"]
+    if out["stores"]:
+        with db.target(spec) as tgt:
+            ledger.set_metric(tgt, run_id, spec.name, QDRANT_SNAPSHOT, snaps)
+    return out
+
+
 def target_store(spec: MigrationSpec) -> str:
     """What readers search after the migration: "qdrant" when a vector store goes to a collection."""
     return "qdrant" if any(v.qdrant is not None for _, v in vector_store.stores(spec)) else "postgresql"
@@ -107,6 +135,9 @@ def build_indexes(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
             pins.update({f"INDEX_HASH[{k}]": h for k, h in hashes.items()})
         ledger.set_manifest(conn, spec.name, run_id, pins)
         ledger.set_metric(conn, run_id, spec.name, "target_store", target_store(spec))
+        if out.get("qdrant"):  # where each collection's dual writes start: the snapshot its copy read
+            ledger.set_metric(conn, run_id, spec.name, QDRANT_SNAPSHOT,
+                              {r["store"]: r["snapshot"] for r in out["qdrant"]})
         ledger.event(conn, run_id, spec.name, "build_indexes", out)
         bad = [r for r in out.get("qdrant", []) if not r["checksum_ok"]]
         if bad:

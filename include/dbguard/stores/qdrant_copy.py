@@ -278,4 +278,5 @@ def build(spec: MigrationSpec, table: Table, store: VectorStore) -> dict[str, An
             "checksum_ok": rc["checksum_ok"] and not cp["mismatched_batches"],
             "seconds": round(cp["seconds"], 3), "verify_seconds": round(cp["verify_seconds"], 3),
             "points_per_s": round(cp["points"] / cp["seconds"], 1) if cp["seconds"] else None,
+            "snapshot": cp["snapshot"],
             "index_hash": index_hash(store, rc["points"], rc["checksum"])}
