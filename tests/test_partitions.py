@@ -225,14 +225,44 @@ def test_the_appliers_marker_lets_no_other_role_past_the_fence_or_the_counter(pa
         src.commit()
     with psycopg.connect(app_dsn, autocommit=True) as c:
         c.execute("SET dbguard.applying = on")
-        for stmt in WRITES[:5]:
+        for stmt in WRITES[:4]:
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="fenced"):
                 c.execute(stmt)
+        with pytest.raises(psycopg.Error, match="fenced|TRUNCATE of public.events_2024 is blocked"):
+            c.execute(WRITES[4])  # capture's TRUNCATE guard, first by name, refuses it too
     with pair.src() as c:  # the reverse applier's session (the installer's role with the marker) passes
         c.execute("SET dbguard.applying = on")
         run(c, WRITES[0])
         fence.remove(c, s, "source")
         c.commit()
+    stages.release(s, RUN, verify=False)
+
+
+def test_an_application_role_follows_the_pointer_and_its_marker_is_no_pass(pair, app_role):
+    """An application's own role (no right on dbguard's ledger) reads the pointer FOR SHARE and writes under
+    capture; capture's loop guard skips only the appliers' writes (the installing role with the marker), so
+    this role's writes with the marker set are captured and reach the target; TRUNCATE stays refused."""
+    role, app_dsn = app_role
+    s = part_spec()
+    stages.preflight(s, RUN)
+    stages.capture_on(s, RUN)
+    for r in stages.plan_ranges(s, RUN, "events"):
+        stages.copy_range(s, RUN, r)
+    with psycopg.connect(app_dsn) as c:
+        side = c.execute("SELECT write_target FROM dbguard.control WHERE migration = %s AND direction = "
+                         "'forward' FOR SHARE", (s.name,)).fetchone()[0]
+        assert side == "source"
+        c.execute("INSERT INTO events_2023 VALUES (100001, '2023-03-03', 'application')")
+        c.commit()
+        c.autocommit = True
+        c.execute("SET dbguard.applying = on")
+        c.execute("UPDATE events_2024 SET v = 'rogue' WHERE id = (SELECT min(id) FROM events_2024)")
+        c.execute("DELETE FROM events WHERE id = (SELECT max(id) FROM events)")
+        with pytest.raises(psycopg.errors.RaiseException, match="TRUNCATE of public.events_2024 is blocked"):
+            c.execute("TRUNCATE events_2024")
+    capture.drain(s, RUN)
+    with pair.src() as a, pair.tgt() as b:
+        assert fingerprint(a, "events", "id, day") == fingerprint(b, "events", "id, day")
     stages.release(s, RUN, verify=False)
 
 

@@ -51,6 +51,9 @@ DO $$BEGIN
     ALTER TABLE dbguard.control ADD PRIMARY KEY (migration, direction);
   END IF;
 END$$;
+-- Applications of any role follow the pointer: read the row FOR SHARE, which needs UPDATE on one column.
+GRANT USAGE ON SCHEMA dbguard TO PUBLIC;
+GRANT SELECT, UPDATE (updated_at) ON dbguard.control TO PUBLIC;
 """
 ORIGIN_DDL = SOURCE_DDL
 
@@ -65,17 +68,31 @@ def _texts(cols: list[str], record: str, infos: dict[str, values.ColumnInfo]) ->
         sql.SQL(", ").join(values.text_expr(record, c, infos.get(c)) for c in cols))
 
 
+# Capture's functions run as their owner (the migration role), so an application's role writes the migrated
+# tables without any right on the ledger, and cannot forge ledger rows; a fixed search_path, as a SECURITY
+# DEFINER function must have (the caller's could shadow pg_catalog's functions).
+DEFINER = sql.SQL("SECURITY DEFINER SET search_path = pg_catalog, pg_temp")
+
+
+def applier_exempt(role: str) -> sql.Composable:
+    """The condition under which a capture trigger or TRUNCATE guard lets a write through unrecorded: dbguard's
+    applier marker, and only in a session of the role that installed the trigger (the appliers connect as it).
+    Any role can SET the marker; honoured from any role it would write past capture unseen."""
+    return sql.SQL("current_setting('dbguard.applying', true) = 'on' AND session_user = {}").format(
+        sql.Literal(role))
+
+
 def trigger_function_sql(spec: MigrationSpec, t: Table, direction: str = "forward",
-                         infos: dict[str, values.ColumnInfo] | None = None) -> sql.Composed:
+                         infos: dict[str, values.ColumnInfo] | None = None, *, role: str) -> sql.Composed:
     """The AFTER ROW trigger function for one table: writes one ledger row per changed row, except for rows
-    the applier writes (loop guard: its session sets dbguard.applying = on)."""
+    the applier writes (loop guard: its session sets dbguard.applying = on, as `role`)."""
     infos = infos or {}
     m, d, tn = sql.Literal(spec.name), sql.Literal(direction), sql.Literal(t.ref)
     cols = [c.name for c in image_columns(t, f"capture_on ({direction})")]
     body = sql.SQL("""
 DECLARE nk jsonb; ok jsonb;
 BEGIN
-  IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF;
+  IF {exempt} THEN RETURN NULL; END IF;
   IF TG_OP = 'DELETE' THEN
     INSERT INTO dbguard.change_ledger (migration, direction, table_name, op, key)
     VALUES ({m}, {d}, {tn}, 'D', {old_key});
@@ -93,13 +110,13 @@ BEGIN
   INSERT INTO dbguard.change_ledger (migration, direction, table_name, op, key, row_image)
   VALUES ({m}, {d}, {tn}, CASE TG_OP WHEN 'INSERT' THEN 'I' ELSE 'U' END, nk, {new_row});
   RETURN NULL;
-END""").format(m=m, d=d, tn=tn, old_key=_texts(t.key, "OLD", infos),
+END""").format(exempt=applier_exempt(role), m=m, d=d, tn=tn, old_key=_texts(t.key, "OLD", infos),
                new_key=_texts(t.key, "NEW", infos), new_row=_texts(cols, "NEW", infos))
     settings = values.settings_clause([infos[c] for c in cols if c in infos]) if infos else sql.SQL(
         "SET extra_float_digits = 1 SET \"DateStyle\" = 'ISO, YMD' SET \"IntervalStyle\" = 'postgres'")
     return sql.SQL(
-        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {settings} "
-        "AS {body}").format(fn=db.qname(SCHEMA, function_name(spec, t, direction)), settings=settings,
+        "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {definer} {settings} "
+        "AS {body}").format(definer=DEFINER,fn=db.qname(SCHEMA, function_name(spec, t, direction)), settings=settings,
                             body=sql.Literal(body.as_string()))
 
 
@@ -162,6 +179,7 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
             src.commit()
             infos = _check_tables(src, r)
             _check_nested_money(src, r, infos)
+            role = src.execute("SELECT session_user").fetchone()[0]  # the appliers connect as this role too
             # Everything committed before this snapshot is in the backfill's later snapshot;
             # the applier starts after it. Taken before the triggers exist, so nothing falls between.
             before, first_op = src.execute(
@@ -188,14 +206,16 @@ def capture_on(spec: MigrationSpec, run_id: str, direction: str = "forward") -> 
                     {"m": spec.name, "d": direction, "r": run_id, "s": before, "o": first_op})
                 tfn = db.qname(SCHEMA, truncate_function_name(spec, direction))
                 src.execute(sql.SQL(
-                    "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
-                    fn=tfn, body=sql.Literal(
-                        "BEGIN IF current_setting('dbguard.applying', true) = 'on' THEN RETURN NULL; END IF; "
+                    "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {definer} AS {body}").format(
+                    definer=DEFINER, fn=tfn, body=sql.Literal(sql.SQL(
+                        "BEGIN IF {exempt} THEN RETURN NULL; END IF; "
                         "RAISE EXCEPTION 'TRUNCATE of %.% is blocked while dbguard captures changes for "
-                        "migration " + spec.name.replace("'", "") + " (" + direction + "); delete rows instead or "
-                        "end the run (capture_off)', TG_TABLE_SCHEMA, TG_TABLE_NAME; END")))
+                        "migration {m} ({d}); delete rows instead or end the run (capture_off)', "
+                        "TG_TABLE_SCHEMA, TG_TABLE_NAME; END").format(
+                        exempt=applier_exempt(role), m=sql.SQL(spec.name.replace("'", "")),
+                        d=sql.SQL(direction)).as_string(src))))
                 for t in r.tables:
-                    src.execute(trigger_function_sql(spec, t, direction, infos[t.ref]))
+                    src.execute(trigger_function_sql(spec, t, direction, infos[t.ref], role=role))
                     rel, trg = r.origin_rel(t), sql.Identifier(trigger_name(spec, direction))
                     ttrg = sql.Identifier(_name(trigger_name(spec, direction), "truncate"))
                     src.execute(sql.SQL("CREATE OR REPLACE TRIGGER {trg} AFTER INSERT OR UPDATE OR DELETE ON {rel} "
