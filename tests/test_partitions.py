@@ -67,6 +67,16 @@ def _refused(dsn, stmt, error=psycopg.errors.ReadOnlySqlTransaction, match="fenc
             c.execute(stmt)
 
 
+def _copied(s, *, gate: bool = False) -> None:
+    """Preflight, capture on and every range copied (and the checksum gate passed)."""
+    stages.preflight(s, RUN)
+    stages.capture_on(s, RUN)
+    for r in stages.plan_ranges(s, RUN, "events"):
+        stages.copy_range(s, RUN, r)
+    if gate:
+        assert stages.checksum_gate(s, RUN)[0]
+
+
 WRITES = ["UPDATE events_2024 SET v = 'split' WHERE id = (SELECT min(id) FROM events_2024)",
           "INSERT INTO events_2023 VALUES (100001, '2023-03-03', 'straggler')",
           "DELETE FROM events_other WHERE id = (SELECT min(id) FROM events_other)",
@@ -107,10 +117,7 @@ def test_fence_with_a_partition_unfenced_is_not_fenced(pair):
 
 def test_capture_and_its_truncate_guard_cover_every_partition(pair):
     s = part_spec(schema_freeze=False)
-    stages.preflight(s, RUN)
-    stages.capture_on(s, RUN)
-    for r in stages.plan_ranges(s, RUN, "events"):
-        stages.copy_range(s, RUN, r)
+    _copied(s)
     with pair.src() as c:
         tg = c.execute("SELECT c.relname, t.tgname, t.tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                        "WHERE t.tgname LIKE 'dbguard_capture%' ORDER BY 1, 2").fetchall()
@@ -137,11 +144,7 @@ def test_capture_and_its_truncate_guard_cover_every_partition(pair):
 
 def test_a_write_into_a_target_partition_voids_the_changed_rows_verify(pair):
     s = part_spec()
-    stages.preflight(s, RUN)
-    stages.capture_on(s, RUN)
-    for r in stages.plan_ranges(s, RUN, "events"):
-        stages.copy_range(s, RUN, r)
-    assert stages.checksum_gate(s, RUN)[0]
+    _copied(s, gate=True)
     with pair.src() as src:
         assert watermark.verify(s, RUN, src) is not None  # the watermark holds: changed rows only
     with pair.tgt() as t:
@@ -164,11 +167,7 @@ def test_capture_disabled_on_one_partition_is_refused_and_else_voids_the_waterma
     """Disabling the capture trigger's clone on one partition would silently stop capture there: the freeze
     refuses it, and where it happened anyway (freeze lifted by hand) the cutover's verify is whole-table."""
     s = part_spec()
-    stages.preflight(s, RUN)
-    stages.capture_on(s, RUN)
-    for r in stages.plan_ranges(s, RUN, "events"):
-        stages.copy_range(s, RUN, r)
-    assert stages.checksum_gate(s, RUN)[0]
+    _copied(s, gate=True)
     disable = sql.SQL("ALTER TABLE events_2024 DISABLE TRIGGER {}").format(sql.Identifier(capture.trigger_name(s)))
     with pair.src() as c:
         _refused(pair.src_dsn, disable.as_string(c), psycopg.errors.ObjectInUse,
@@ -209,11 +208,7 @@ def test_the_appliers_marker_lets_no_other_role_past_the_fence_or_the_counter(pa
     foreign-write counter let it through only in a session of the role that installed them."""
     role, app_dsn = app_role
     s = part_spec()
-    stages.preflight(s, RUN)
-    stages.capture_on(s, RUN)
-    for r in stages.plan_ranges(s, RUN, "events"):
-        stages.copy_range(s, RUN, r)
-    assert stages.checksum_gate(s, RUN)[0]
+    _copied(s, gate=True)
     with pair.tgt() as t:
         run(t, sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)).as_string(t))
     with psycopg.connect(psycopg.conninfo.make_conninfo(pair.tgt_dsn, user=role), autocommit=True) as t:
@@ -244,10 +239,7 @@ def test_an_application_role_follows_the_pointer_and_its_marker_is_no_pass(pair,
     this role's writes with the marker set are captured and reach the target; TRUNCATE stays refused."""
     role, app_dsn = app_role
     s = part_spec()
-    stages.preflight(s, RUN)
-    stages.capture_on(s, RUN)
-    for r in stages.plan_ranges(s, RUN, "events"):
-        stages.copy_range(s, RUN, r)
+    _copied(s)
     with psycopg.connect(app_dsn) as c:
         side = c.execute("SELECT write_target FROM dbguard.control WHERE migration = %s AND direction = "
                          "'forward' FOR SHARE", (s.name,)).fetchone()[0]
