@@ -78,7 +78,7 @@ test: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 CHECK_SLOW := \
 	tests/test_browser.py tests/test_celery.py tests/test_faults.py tests/test_cutover_dag.py \
 	tests/test_dual_writes_dag.py tests/test_retrieval_dag.py tests/test_rerun.py tests/test_rollback.py \
-	tests/test_awkward_pg15.py tests/test_cross_version.py tests/test_secrets.py tests/test_demo_data.py \
+	tests/test_awkward_pg15.py tests/test_cross_version.py tests/test_demo_data.py \
 	tests/test_report.py tests/test_retrieval_noise.py \
 	tests/test_cli.py::test_a_failed_run_prints_the_gate_message_in_full_on_stderr \
 	tests/test_cli.py::test_run_is_quiet_with_progress_and_airflow_log_in_a_file \
@@ -86,6 +86,8 @@ CHECK_SLOW := \
 	tests/test_dag.py::test_the_demo_dag_passes_end_to_end \
 	tests/test_dag.py::test_a_failing_stage_fails_the_run_after_release_and_finalize \
 	tests/test_hostile.py::test_make_airflow_listens_on_localhost_only \
+	tests/test_secrets.py::test_a_run_with_a_password_leaves_it_nowhere \
+	tests/test_secrets.py::test_a_failing_run_with_a_password_leaves_it_nowhere \
 	tests/test_identifiers.py::test_orm_identifiers_through_a_real_dag_run_with_a_live_writer \
 	tests/test_init.py::test_init_shop_validates_and_migrates \
 	tests/test_init.py::test_init_docs_emits_stores_with_dim_metric_and_config \
