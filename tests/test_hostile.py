@@ -203,6 +203,14 @@ def test_run_refuses_bad_conf_before_touching_a_database(monkeypatch, capsys, co
     assert result["status"] == "failed" and conf[0].split("=")[0] in result["reason"]
 
 
+def test_conf_without_a_value_is_a_usage_error(monkeypatch, capsys):
+    _dead_endpoints(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(HOSTILE / "unknown_column.yaml"), "--conf", "batch_rows"])
+    assert e.value.code == 2  # was SystemExit(message): exit status 1, as if the run had failed
+    assert "--conf expects key=value, got 'batch_rows'" in capsys.readouterr().err
+
+
 def test_a_uri_escape_that_is_not_utf8_names_the_connection(monkeypatch, capsys):
     _dead_endpoints(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_HOSTILE_BADESCAPE", BAD_ESCAPE_URI)
