@@ -108,7 +108,9 @@ CHECK_SLOW := \
 	tests/test_qdrant.py::test_docs_into_qdrant_pass_every_gate_in_a_dag_run \
 	tests/test_qdrant.py::test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric \
 	tests/test_run_truth.py::test_a_failed_step_puts_its_message_in_the_result_reason \
-	tests/test_column_contract.py::test_column_shape_under_a_writer_through_cutover_and_rollback
+	tests/test_column_contract.py::test_column_shape_under_a_writer_through_cutover_and_rollback \
+	tests/test_partitions.py::test_a_partitioned_table_through_cutover_and_rollback_under_a_writer \
+	tests/test_app_schema.py::test_init_on_such_a_source_writes_a_spec_that_migrates_and_cuts_over_with_equal_catalogs
 # -k 'not pg15': the variants of a test parametrized over a PostgreSQL 15 source (a third server).
 CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(t),--ignore=$(t))) -k 'not pg15'
 
