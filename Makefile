@@ -80,7 +80,7 @@ CHECK_SLOW := \
 	tests/test_browser.py tests/test_celery.py tests/test_faults.py tests/test_cutover_dag.py \
 	tests/test_dual_writes_dag.py tests/test_retrieval_dag.py tests/test_rerun.py tests/test_rollback.py \
 	tests/test_awkward_pg15.py tests/test_cross_version.py tests/test_demo_data.py \
-	tests/test_report.py tests/test_retrieval_noise.py \
+	tests/test_report.py tests/test_retrieval_noise.py tests/test_cutover_faults.py \
 	tests/test_cli.py::test_a_failed_run_prints_the_gate_message_in_full_on_stderr \
 	tests/test_cli.py::test_run_is_quiet_with_progress_and_airflow_log_in_a_file \
 	tests/test_cli.py::test_run_ends_with_one_json_line_and_exit_0 \
@@ -111,8 +111,8 @@ CHECK_SLOW := \
 	tests/test_column_contract.py::test_column_shape_under_a_writer_through_cutover_and_rollback \
 	tests/test_partitions.py::test_a_partitioned_table_through_cutover_and_rollback_under_a_writer \
 	tests/test_app_schema.py::test_init_on_such_a_source_writes_a_spec_that_migrates_and_cuts_over_with_equal_catalogs
-# -k 'not pg15': the variants of a test parametrized over a PostgreSQL 15 source (a third server).
-CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(t),--ignore=$(t))) -k 'not pg15'
+# -k: the tests and variants run against a PostgreSQL 15 source (a third server).
+CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(t),--ignore=$(t))) -k 'not pg15 and not postgresql_15'
 
 check: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(CHECK_ARGS)
