@@ -155,6 +155,16 @@ def test_a_device_or_a_fifo_is_not_a_spec(tmp_path):
     _refused(_dbguard("validate", str(_fifo(tmp_path / "spec.yaml"))), "spec.yaml", "FIFO", "regular file")
 
 
+def test_a_file_that_is_no_spec_is_not_echoed_back(tmp_path):
+    """A credentials file given by mistake (root runs `dbguard validate /etc/shadow`): its lines parse as
+    mapping keys, and each used to be printed back as an 'unknown field'."""
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$y$j9T$Secret0Hash:19000:0:99999:7:::\nsvc: Secret1Hash\n")
+    out = _dbguard("validate", str(shadow))
+    _refused(out, "not a dbguard migration spec", "none of its 2 top-level keys")
+    assert "Secret" not in out.stderr + out.stdout
+
+
 def test_a_spec_over_the_cap_is_refused_without_reading_it_all(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * (2 << 20) + b"\n")

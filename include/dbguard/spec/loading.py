@@ -91,6 +91,11 @@ def _friendly(err: dict, msg: str) -> str:
 def parse_spec(raw: Any, path: str = "<spec>") -> MigrationSpec:
     if not isinstance(raw, dict):
         raise SpecError(path, [("(top level)", "the spec must be a YAML mapping with name, source, target, tables")])
+    if not set(raw) & set(MigrationSpec.model_fields):
+        # e.g. a credentials file given by mistake: say so without echoing its lines back as field names
+        raise SpecError(path, [("(top level)", f"not a dbguard migration spec: none of its {len(raw)} top-level "
+                                               "keys is a spec field (name, source, target, tables, ...); "
+                                               "see docs/spec.md")])
     try:
         return MigrationSpec.model_validate(raw)
     except ValidationError as e:
