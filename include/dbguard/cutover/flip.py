@@ -16,7 +16,7 @@ import psycopg
 from .. import capture, db, target_schema
 from ..spec import MigrationSpec
 from . import fence, pointer, sequences, state as st, watermark
-from .steps import CutoverError, Steps, resolve, state, verify_full
+from .steps import CutoverError, Steps, resolve, resume, state, verify_full
 
 
 def check_ready(spec: MigrationSpec, run_id: str) -> list[str]:
@@ -127,9 +127,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         with steps.step("resume"):
             if held is not None:
                 a, held = held, None
-                done = pointer.release(spec, a, "target")
-                if "PAUSED" in done:
-                    raise CutoverError(done)
+                resume(spec, a, "target")
     except CutoverError as e:
         out["errors_after_commit"].append(str(e))
         if held is not None:  # it failed before RESUME was sent: once more, on a fresh admin connection

@@ -17,7 +17,7 @@ from .. import capture, db, ledger, preflight
 from ..capture.common import lock_retrying
 from ..spec import MigrationSpec
 from . import fence, pointer, repair, sequences, state as st, watermark
-from .steps import CutoverError, Steps, resolve, state
+from .steps import CutoverError, Steps, resolve, resume, state
 
 
 def _writes_after_cutover(spec: MigrationSpec, run_id: str) -> dict[str, int]:
@@ -142,9 +142,7 @@ def _flip_back(spec: MigrationSpec, run_id: str, steps: Steps, done: list[str], 
         with steps.step("unfreeze"):
             if held is not None:
                 a, held = held, None
-                msg = pointer.release(spec, a, "source")
-                if "PAUSED" in msg:
-                    raise CutoverError(msg)
+                resume(spec, a, "source")
             done.append("unfreeze")
     except BaseException as e:
         if q is not None:

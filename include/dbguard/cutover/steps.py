@@ -76,6 +76,14 @@ class Steps:
             tgt.commit()
 
 
+def resume(spec: MigrationSpec, held, side: str) -> str:
+    """RESUME the alias a freeze paused, on `side` (the committed primary); CutoverError when it stays PAUSED."""
+    msg = pointer.release(spec, held, side)
+    if "PAUSED" in msg:
+        raise CutoverError(msg)
+    return msg
+
+
 def resolve(spec: MigrationSpec) -> MigrationSpec:
     return catalog.resolve(spec)
 
