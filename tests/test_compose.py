@@ -131,3 +131,48 @@ def test_a_pinned_qdrant_server_wired_to_the_qdrant_connection(compose, monkeypa
     monkeypatch.setenv(var, services["airflow-worker"]["environment"][var])
     kw = qdrant.client_kwargs(spec.tables[0].vector[0].qdrant.conn_id)
     assert (kw["host"], kw["port"]) == ("qdrant", 6333)
+
+
+def test_qdrant_healthcheck_asks_readyz_and_the_worker_waits_for_it(compose):
+    """The image has no curl: the healthcheck is bash builtins over /dev/tcp. Run as compose would (its
+    $$ unescaped) against an HTTP server on the port: healthy on /readyz 200, not on 503 or nothing."""
+    import http.server
+    import shutil
+    import socket
+    import subprocess
+    import threading
+
+    services = compose["services"]
+    assert services["airflow-worker"]["depends_on"]["qdrant"] == {"condition": "service_healthy"}
+    kind, cmd = services["qdrant"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL" and "/readyz" in cmd
+    if shutil.which("bash") is None:
+        pytest.fail("bash is needed to run the healthcheck command")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = cmd.replace("$$", "$").replace("/6333", f"/{port}")
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        code = 200
+
+        def do_GET(self):
+            self.send_response(Ready.code if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    def healthy() -> bool:
+        return subprocess.run(["sh", "-c", cmd], capture_output=True, timeout=10).returncode == 0
+
+    srv = http.server.HTTPServer(("127.0.0.1", port), Ready)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert healthy()
+        Ready.code = 503  # shards not ready yet
+        assert not healthy()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not healthy()  # nothing listening
