@@ -435,3 +435,121 @@ def test_writes_after_the_collection_is_built_reach_it_at_release(dbpair, qd, tm
     with dbpair.src() as src:
         rc = qdrant_copy.reconcile(spec, t, v, src, c, COLL, [[None, None]])
     assert (rc["repaired"], rc["points"]) == (0, 199), rc
+
+
+class ServerLike:
+    """A real local store behind a client that, like a server's, accepts concurrent calls (executed one
+    at a time here): counts the batches in flight (from a batch's upsert to the end of its read-back),
+    can hold the first upserts until `meet` of them are in flight at once, and can fail the first
+    `fail` upserts with `error` before they reach the store."""
+
+    _client = None  # not local mode: copy does not serialise the calls itself
+
+    def __init__(self, real, meet: int = 1, fail: int = 0, error: Exception | None = None):
+        import threading
+        self.real, self.fail, self.error = real, fail, error
+        self.lock, self.state = threading.Lock(), threading.Lock()
+        self.meet = threading.Barrier(meet, timeout=30) if meet > 1 else None
+        self.upserts = self.in_flight = self.max_in_flight = 0
+
+    def upsert(self, name, points, wait):
+        with self.state:
+            self.upserts += 1
+            failing = self.fail > 0
+            self.fail -= failing
+            if not failing:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            meet = self.meet if self.meet is not None and self.upserts <= self.meet.parties else None
+        if failing:
+            raise self.error
+        if meet is not None:
+            meet.wait()  # the first upserts wait for each other: `meet` batches in flight at once
+        with self.lock:
+            return self.real.upsert(name, points=points, wait=wait)
+
+    def retrieve(self, name, ids, **kw):
+        with self.lock:
+            got = self.real.retrieve(name, ids, **kw)
+        with self.state:
+            self.in_flight -= 1
+        return got
+
+
+def test_concurrent_batches_never_exceed_the_pools_concurrency(dbpair, qd):
+    """backfill.concurrency caps the batches in flight (written, not yet verified): two are seen in
+    flight at once, never three; every point arrives verified."""
+    load(dbpair, clustered(700, 5))
+    d = qspec()
+    d["backfill"]["concurrency"] = 2
+    spec = parse_spec(d)
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    c = qd()
+    qdrant.create_collection(c, COLL, v)
+    server = ServerLike(c, meet=2)
+    with dbpair.src() as src:
+        out = qdrant_copy.copy(spec, t, v, src, server, COLL)
+    assert out["batches"] == 7 and not out["mismatched_batches"] and out["repaired"] == 0
+    assert server.max_in_flight == 2 and out["max_in_flight"] <= 2
+    assert c.count(COLL).count == 700
+
+
+def test_a_transient_store_error_is_retried_and_a_refused_write_is_not(dbpair, qd):
+    """The error a client raises when the server is unreachable is retried (backfill.retries, with
+    back-off) and the copy completes verified; a write the store refuses is raised at once."""
+    from qdrant_client import QdrantClient
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    unreachable = QdrantClient(url="http://127.0.0.1:9", timeout=2, check_compatibility=False)  # nothing listens on port 9
+    with pytest.raises(Exception) as refused:
+        unreachable.get_collections()
+    unreachable.close()
+    assert qdrant.transient(refused.value)
+    assert qdrant.transient(UnexpectedResponse(503, "Service Unavailable", b"", None))
+    assert not qdrant.transient(UnexpectedResponse(400, "Bad Request", b"wrong vector size", None))
+
+    load(dbpair, clustered(300, 6))
+    d = qspec()
+    d["backfill"].update(retries=2, retry_delay_seconds=0.01, concurrency=1)
+    spec = parse_spec(d)
+    t, v = spec.tables[0], spec.tables[0].vector[0]
+    c = qd()
+    qdrant.create_collection(c, COLL, v)
+    server = ServerLike(c, fail=2, error=refused.value)
+    with dbpair.src() as src:
+        out = qdrant_copy.copy(spec, t, v, src, server, COLL)
+    assert out["retries"] == 2 and server.upserts == 3 + 2 and not out["mismatched_batches"]
+    assert c.count(COLL).count == 300
+
+    server = ServerLike(c, fail=3, error=refused.value)  # one more failure than retries: raised
+    with dbpair.src() as src, pytest.raises(type(refused.value)):
+        qdrant_copy.copy(spec, t, v, src, server, COLL)
+    assert server.upserts == 3
+
+    # a refused write (a vector of the wrong size for the collection: local mode's ValueError) is not retried
+    c.create_collection("other_size", vectors_config=__import__("qdrant_client").models.VectorParams(
+        size=DIM + 1, distance="Cosine"))
+    server = ServerLike(c)
+    with dbpair.src() as src, pytest.raises(ValueError):
+        qdrant_copy.copy(spec, t, v, src, server, "other_size")
+    assert server.upserts == 1
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_bulk_checksum_and_normalisation_are_the_per_point_ones_bit_for_bit(metric):
+    """The copy's verify hashes a batch at once (RangeSum.of_batch, stored_vectors); reconcile and the
+    index_hash use the per-point functions: both must give the same sums, or every batch would fall
+    back to the point-by-point compare and a collection's index_hash would depend on the path."""
+    v = parse_spec(qspec(metric=metric, source_metric=metric)).tables[0].vector[0]
+    rng = np.random.default_rng(7)
+    vecs = (rng.normal(size=(50, DIM)) * rng.uniform(0.1, 9, size=(50, 1))).astype(np.float32)
+    vecs[3] = 0  # a zero vector stays as it is
+    pts = [qdrant.Point(str(i), {"body": f"ü {i}", "n": i * 0.1, "none": None}, vecs[i]) for i in range(50)]
+    bulk = qdrant.stored_vectors(v, vecs)
+    for i in range(50):
+        assert bulk[i].tobytes() == qdrant.stored_vector(v, vecs[i]).tobytes(), i
+    stored = [qdrant.Point(p.id, p.payload, qdrant.stored_vector(v, p.vector)) for p in pts]
+    assert qdrant.RangeSum.of_batch(pts, bulk) == qdrant.RangeSum.of(stored)
+    assert qdrant.RangeSum.of_batch(stored) == qdrant.RangeSum.of(stored)
+    stored[7] = qdrant.Point("7", {**stored[7].payload, "n": 0.7}, stored[7].vector)
+    assert qdrant.RangeSum.of_batch(stored) != qdrant.RangeSum.of_batch(pts, bulk)

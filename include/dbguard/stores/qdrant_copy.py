@@ -17,9 +17,12 @@ sides' sums are computed here: bisection bounds memory and names the points, it 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -86,9 +89,14 @@ class Source:
 
     def _points(self, rows: list[tuple]) -> list[qdrant.Point]:
         dim = self.store.dim
+        vecs = None
+        raw = b"".join(r[1] for r in rows)
+        if len(raw) == len(rows) * 4 * (dim + 1):  # vector_send: int16 dim, int16 unused, dim x float4 (BE)
+            vecs = np.frombuffer(raw, dtype=">f4").reshape(len(rows), dim + 1)[:, 1:].astype(np.float32)
         out = []
-        for r in rows:
-            vec = np.frombuffer(r[1], dtype=">f4", offset=4, count=dim).astype(np.float32)
+        for i, r in enumerate(rows):
+            vec = vecs[i] if vecs is not None else np.frombuffer(r[1], dtype=">f4", offset=4,
+                                                                 count=dim).astype(np.float32)
             out.append(qdrant.Point(r[0], {c: enc(v) for (c, enc), v in zip(self.encoders, r[2:])}, vec))
         return out
 
@@ -171,35 +179,94 @@ def _tolerance(spec: MigrationSpec) -> float:
     return max(spec.gates.float_tolerance, 1e-6)
 
 
+def _verify_batch(c, name: str, store: VectorStore, pts: list[qdrant.Point], tol: float, guard, call,
+                  out: dict[str, Any]) -> None:
+    """Read the batch back by id; count + checksum on both sides; a mismatch compared point by point,
+    repaired once, compared again (never retried: a mismatch is data, not a transient error)."""
+    keys = [p.id for p in pts]
+    want_vecs = qdrant.stored_vectors(store, np.stack([p.vector for p in pts]))
+    with guard:
+        have = call(lambda: qdrant.retrieve(c, name, store, keys))
+    if qdrant.RangeSum.of_batch(pts, want_vecs) == qdrant.RangeSum.of_batch(have):
+        return
+    want = [qdrant.Point(p.id, p.payload, v) for p, v in zip(pts, want_vecs)]
+    d = diff(store, want, have, tol)
+    if not any(d.values()):
+        return
+    with guard:
+        out["repaired"] += repair(c, name, store, pts, d)
+        again = call(lambda: qdrant.retrieve(c, name, store, keys))
+    if any(diff(store, want, again, tol).values()):
+        out["mismatched_batches"].append([pts[0].id, pts[-1].id])
+
+
 def copy(spec: MigrationSpec, table: Table, store: VectorStore, src: psycopg.Connection, c, name: str, *,
-         batch_rows: int | None = None, verify: bool = True) -> dict[str, Any]:
+         batch_rows: int | None = None, verify: bool = True, concurrency: int | None = None) -> dict[str, Any]:
     """Copy every row as a point, `qdrant.batch_points` per upsert (not backfill.batch_rows: a key range of
     250,000 rows is one Airflow task, not one request); verify each batch (count + checksum, repaired once
     on a mismatch).
+
+    At most `concurrency` batches (default backfill.concurrency, the migration's pool size) are in
+    flight, written and verified by worker threads while this thread reads the next batch from the
+    source (a bounded pipeline: cap + 1 batches in memory). Transient errors of the store (unreachable,
+    timeouts, 429/5xx) are retried backfill.retries times with backfill.retry_delay_seconds doubling.
+    Local mode's client is not thread-safe: its calls are serialised (the in-process store gains
+    nothing from more, the source read still overlaps).
     Returns the ranges (for reconcile), counts and timings."""
     source = Source(src, table, store)
     n_rows = batch_rows or store.qdrant.batch_points
-    tol = _tolerance(spec)
+    cap = concurrency or spec.backfill.concurrency
+    bf, tol = spec.backfill, _tolerance(spec)
+    guard = threading.Lock() if qdrant.is_local(c) else contextlib.nullcontext()
     firsts: list[str] = []
-    out = {"points": 0, "batches": 0, "repaired": 0, "verify_seconds": 0.0, "mismatched_batches": []}
+    out: dict[str, Any] = {"points": 0, "batches": 0, "repaired": 0, "verify_seconds": 0.0,
+                           "mismatched_batches": [], "retries": 0, "max_in_flight": 0, "concurrency": cap}
+    lock, in_flight = threading.Lock(), [0]
+
+    def retried(e: BaseException) -> None:
+        with lock:
+            out["retries"] += 1
+
+    def call(fn):
+        return qdrant.retrying(fn, retries=bf.retries, delay=bf.retry_delay_seconds,
+                               max_delay=bf.max_retry_delay_seconds, on_retry=retried)
+
+    def one(pts: list[qdrant.Point]) -> None:
+        with lock:
+            in_flight[0] += 1
+            out["max_in_flight"] = max(out["max_in_flight"], in_flight[0])
+        try:
+            with guard:
+                qdrant.write_batch(c, name, store, pts, retries=bf.retries, delay=bf.retry_delay_seconds,
+                                   max_delay=bf.max_retry_delay_seconds, on_retry=retried)
+            if verify:
+                tv = time.perf_counter()
+                _verify_batch(c, name, store, pts, tol, guard, call, out)
+                with lock:
+                    out["verify_seconds"] += time.perf_counter() - tv
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
     t0 = time.perf_counter()
-    for pts in source.batches(n_rows):
-        firsts.append(pts[0].id)
-        qdrant.write_batch(c, name, store, pts)
-        out["points"] += len(pts)
-        out["batches"] += 1
-        if not verify:
-            continue
-        tv = time.perf_counter()
-        want = expected(store, pts)
-        have = qdrant.retrieve(c, name, store, [p.id for p in pts])
-        if qdrant.RangeSum.of(want) != qdrant.RangeSum.of(have):
-            d = diff(store, want, have, tol)
-            if any(d.values()):
-                out["repaired"] += repair(c, name, store, pts, d)
-                if any(diff(store, want, qdrant.retrieve(c, name, store, [p.id for p in pts]), tol).values()):
-                    out["mismatched_batches"].append([pts[0].id, pts[-1].id])
-        out["verify_seconds"] += time.perf_counter() - tv
+    pending: set[Future] = set()
+    with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="dbguard-qdrant-copy") as pool:
+        try:
+            for pts in source.batches(n_rows):
+                firsts.append(pts[0].id)
+                out["points"] += len(pts)
+                out["batches"] += 1
+                while len(pending) >= cap:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()  # the first failed batch stops the copy
+                pending.add(pool.submit(one, pts))
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
     out["seconds"] = time.perf_counter() - t0
     out["snapshot"] = source.snapshot
     out["ranges"] = [[None if i == 0 else f, firsts[i + 1] if i + 1 < len(firsts) else None]

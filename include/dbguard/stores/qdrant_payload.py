@@ -104,6 +104,10 @@ def decoder(sql_type: str) -> Callable[[Any], Any]:
     return (lambda v: None if v is None else [one(x) for x in v]) if is_array else one
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(payload: dict[str, Any]) -> str:
-    """The payload's checksum text: JSON, keys sorted, no spaces, non-ASCII kept, floats as repr."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The payload's checksum text: JSON, keys sorted, no spaces, non-ASCII kept, floats as repr
+    (one encoder for every call: json.dumps with options builds a new one each time)."""
+    return _CANONICAL.encode(payload)
