@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
+import xxhash
 
 from .. import db
 from ..errors import ConnectionFailed
@@ -227,13 +227,15 @@ class Point:
 
 
 def point_hash(pid: str, payload: dict[str, Any], vector: np.ndarray) -> int:
-    """64 bits of blake2b over the length-prefixed id, canonical payload and float32 little-endian bytes."""
-    h = hashlib.blake2b(digest_size=8)
+    """64-bit XXH3 over the length-prefixed id, canonical payload and float32 little-endian bytes (a
+    checksum against corruption, not an adversary: ~30x cheaper than blake2b per 1.5 KB vector, which
+    was a fifth of the verify)."""
+    h = xxhash.xxh3_64()
     for part in (pid.encode(), qdrant_payload.canonical(payload).encode(),
                  np.ascontiguousarray(vector, dtype="<f4").tobytes()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
-    return int.from_bytes(h.digest(), "little")
+    return h.intdigest()
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class RangeSum:
 
     @classmethod
     def of_batch(cls, points: list[Point], vectors: np.ndarray | None = None) -> "RangeSum":
-        """`of(points)` in bulk (the same hashes): the vectors as one float32 byte string, one blake2b
+        """`of(points)` in bulk (the same hashes): the vectors as one float32 byte string, one hash call
         per point. `vectors` (n, dim) replaces the points' own when given."""
         if vectors is None:
             try:
@@ -269,10 +271,9 @@ class RangeSum:
         s = 0
         for i, p in enumerate(points):
             a, b = p.id.encode(), qdrant_payload.canonical(p.payload).encode()
-            h = hashlib.blake2b(len(a).to_bytes(8, "little") + a + len(b).to_bytes(8, "little") + b + vlen,
-                                digest_size=8)
+            h = xxhash.xxh3_64(len(a).to_bytes(8, "little") + a + len(b).to_bytes(8, "little") + b + vlen)
             h.update(raw[i * step:(i + 1) * step])
-            s += int.from_bytes(h.digest(), "little")
+            s += h.intdigest()
         return cls(len(points), s & MASK64)
 
 
