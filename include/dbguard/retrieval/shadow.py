@@ -83,9 +83,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
 class _Side:
     """One database side's session for shadow reads (autocommit)."""
 
-    def __init__(self, conn: psycopg.Connection, side: str, timeout_ms: int):
-        self.conn, self.side = conn, side
-        conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
+    def __init__(self, conn: psycopg.Connection | None, side: str, timeout_ms: int):
+        self.conn, self.side = conn, side  # None: a side that is not PostgreSQL (a Qdrant source)
+        if conn is not None:
+            conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
 
     def run(self, query: sql.Composable, params: tuple) -> tuple[list[tuple], float, str | None]:
         t0 = time.perf_counter()
@@ -249,7 +250,10 @@ def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple
     t0 = time.perf_counter()
     queries = np.stack([probe.sent("source", v) for _, v, _, _ in todo])
     for side, conn, pick in (("source", src, 2), ("target", tgt, 3)):
-        ex = exact.top_k(conn, probe.table, probe.store, side, queries, metric, k)
+        if hasattr(probe, "exact_top_k"):  # a store that scans itself (collection_shadow)
+            ex = probe.exact_top_k(side, queries, metric, k)
+        else:
+            ex = exact.top_k(conn, probe.table, probe.store, side, queries, metric, k)
         info["rows_scanned"][side] = ex.rows
         for i, p in enumerate(todo):
             row, (ids, d, err) = p[0], p[pick]
@@ -278,15 +282,17 @@ def _recall_probes(spec: MigrationSpec, probe: _VectorProbe, pending: list[tuple
     return info
 
 
-def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection,
-            tgt: psycopg.Connection, probe_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def measure(spec: MigrationSpec, gold: list[GoldQuery], src: psycopg.Connection | None,
+            tgt: psycopg.Connection | None, probe_info: dict[str, Any] | None = None,
+            probes: list[tuple[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run every gold query: A/A on the source (seed 0), then pre vs post per seed. One dict per result.
-    Vector stores then get their recall probes (`_recall_probes`); `probe_info` collects their cost."""
+    Vector stores then get their recall probes (`_recall_probes`); `probe_info` collects their cost.
+    `probes` (default: the spec's table stores) lets a collection's probes (collection_shadow) run here."""
     rs = spec.retrieval
     k, seeds, eps, thr = rs.k, list(rs.seeds), rs.overlap_eps, spec.gates.delta_s_max
     pre, post = _Side(src, "source", rs.query_timeout_ms), _Side(tgt, "target", rs.query_timeout_ms)
     rows: list[dict[str, Any]] = []
-    for kind, probe in _probes(spec):
+    for kind, probe in (probes if probes is not None else _probes(spec)):
         probe.setup(pre)
         probe.setup(post)
         usable = [q for q in gold if (q.vector is not None if kind == "vector" else q.text is not None)]

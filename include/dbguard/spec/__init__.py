@@ -11,6 +11,7 @@ Modules: fields (validated names and types, the strict base model), stores (vect
 stores, retrieval settings), tables (endpoints, columns, keys, foreign keys), settings (backfill,
 gates, window, capture, cutover), migration (MigrationSpec), loading (parse_spec, load_spec).
 """
+from .collections import CollectionMove, PayloadColumn, PgvectorTarget, QdrantSource, QdrantTarget  # noqa: F401
 from .fields import Ident, LocaleName, Name, SqlType, _At, _ident, _Model  # noqa: F401
 from .loading import MAX_SPEC_BYTES, MAX_SPEC_NODES, load_spec, parse_spec  # noqa: F401
 from .migration import MigrationSpec  # noqa: F401

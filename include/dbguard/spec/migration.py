@@ -5,6 +5,7 @@ from pydantic import Field, model_validator
 
 from .fields import Ident, _At, _Model
 from .settings import Backfill, Capture, Cutover, Gates, Window
+from .collections import CollectionMove
 from .stores import RetrievalSettings
 from .tables import Endpoint, Table, TargetEndpoint
 
@@ -12,9 +13,12 @@ from .tables import Endpoint, Table, TargetEndpoint
 class MigrationSpec(_Model):
     name: Ident = Field(description="the DAG id is dbguard_<name>")
     description: str = ""
-    source: Endpoint
-    target: TargetEndpoint
-    tables: list[Table] = Field(min_length=1)
+    source: Endpoint | None = Field(None, description="the PostgreSQL source (a spec of tables needs it)")
+    target: TargetEndpoint | None = Field(None, description="the PostgreSQL target (tables; a pgvector collection "
+                                                            "target)")
+    tables: list[Table] = Field(default_factory=list)
+    collections: list[CollectionMove] = Field(default_factory=list, description="Qdrant collections as the source "
+                                                                                "(docs/qdrant.md)")
     backfill: Backfill = Field(default_factory=Backfill)
     gates: Gates = Field(default_factory=Gates)
     capture: Capture = Field(default_factory=Capture)
@@ -47,7 +51,7 @@ class MigrationSpec(_Model):
     @property
     def has_stores(self) -> bool:
         """Vector or search stores: the retrieval stages (indexes, shadow reads, gate) apply."""
-        return any(t.vector or t.search for t in self.tables)
+        return any(t.vector or t.search for t in self.tables) or bool(self.collections)
 
     def acknowledged(self, entry: str) -> bool:
         """Preflight's refusals that the spec accepts (`acknowledge:`), compared without case or extra spaces."""
@@ -79,6 +83,7 @@ class MigrationSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> "MigrationSpec":
+        _check_shape(self)
         names = [t.name for t in self.tables]
         qualified = [(t.schema_, t.name) for t in self.tables]
         for i, n in enumerate(qualified):
@@ -113,7 +118,31 @@ class MigrationSpec(_Model):
                 raise _At("tables", f"foreign keys form a cycle among {sorted(set(graph) - seen)}; "
                                     "migrate the cycle's tables without one of its foreign keys")
             seen.update(ready)
-        if any(t.vector or t.search for t in self.tables) and self.gold is None:
+        if self.has_stores and self.gold is None:
             raise _At("gold", "a spec with vector or search stores needs a gold set (include/gold/<name>.jsonl) "
                               "for the retrieval gate")
         return self
+
+
+def _check_shape(s: MigrationSpec) -> None:
+    """Tables (PostgreSQL source and target) or collections (a Qdrant source), each with what it needs."""
+    if not s.tables and not s.collections:
+        raise _At("tables", "needs at least 1 item(s), got 0: list the tables to migrate (or, for a Qdrant "
+                            "source, the collections)")
+    if s.tables and s.collections:
+        raise _At("collections", "a spec migrates tables or Qdrant collections, not both; write two specs")
+    for f in ("source", "target"):
+        if s.tables and getattr(s, f) is None:
+            raise _At(f, f"a spec of tables needs {f}: {{conn_id: ...}} (a PostgreSQL connection)")
+    if s.collections and s.source is not None:
+        raise _At("source", "the source of a collection is its collections[].source (a Qdrant connection); drop "
+                            "the top-level source")
+    for i, c in enumerate(s.collections):
+        if c.pgvector is not None and s.target is None:
+            raise _At(("collections", i, "pgvector"), "a pgvector target table needs target: {conn_id: ...} (the "
+                                                      "PostgreSQL database it goes into)")
+    targets = [(c.target_conn_id, c.qdrant.collection) if c.qdrant else (c.pgvector.schema_, c.pgvector.table)
+               for c in s.collections]
+    for i, t in enumerate(targets):
+        if t in targets[:i]:
+            raise _At(("collections", i), f"targets {t[1]!r} like an earlier entry; give each its own")
