@@ -43,7 +43,7 @@ def q2pg(payload, gold="g.jsonl", key_type="bigint", **kw) -> dict:
             "retrieval": {"k": 10, "recall_queries": 20, "latency_floor_ms": 10_000.0}}
 
 
-def live(c, vecs: np.ndarray, *, named=True, payload=None, ids=None, metric="Cosine"):
+def live(c, vecs: np.ndarray, *, named=True, payload=None, ids=None, metric="Cosine", name=LIVE):
     """The live collection: a named dense vector with its own HNSW and quantization, a second dense vector
     and a sparse one (named=True); or one unnamed vector."""
     from qdrant_client import models as m
@@ -54,10 +54,10 @@ def live(c, vecs: np.ndarray, *, named=True, payload=None, ids=None, metric="Cos
                                        quantization_config=m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(
                                            type=m.ScalarType.INT8, quantile=0.95))),
                "thumb": m.VectorParams(size=2, distance=m.Distance.DOT)}
-        c.create_collection(LIVE, vectors_config=cfg,
+        c.create_collection(name, vectors_config=cfg,
                             sparse_vectors_config={"kw": m.SparseVectorParams(modifier=m.Modifier.IDF)})
     else:
-        c.create_collection(LIVE, vectors_config=m.VectorParams(size=DIM, distance=d))
+        c.create_collection(name, vectors_config=m.VectorParams(size=DIM, distance=d))
     ids = ids or list(range(1, len(vecs) + 1))
     pts = []
     for i, v in zip(ids, vecs):
@@ -65,7 +65,7 @@ def live(c, vecs: np.ndarray, *, named=True, payload=None, ids=None, metric="Cos
                                                                                      values=[0.5, 1.5])}
                if named else v.tolist())
         pts.append(m.PointStruct(id=i, vector=vec, payload=payload(i) if payload else {"title": f"item {i}"}))
-    c.upsert(LIVE, pts, wait=True)
+    c.upsert(name, pts, wait=True)
     return ids
 
 
@@ -319,3 +319,66 @@ def test_q2pg_passes_the_retrieval_gate_on_both_stores(dbpair, qd, tmp_path):
     assert m["lambda_state"] == "convergent" and m["delta_s_diff"] <= 0.02, m
     assert m["recall_pre"] is not None and m["recall_post"] is not None
     assert m["store_kinds"] == {spec.collections[0].label: "qdrant → pgvector"}
+
+
+# ---- the DAG --------------------------------------------------------------------------------------
+
+def _dag_run(raw: dict, tmp_path, monkeypatch):
+    """The spec's DAG from dags/ (DBGUARD_SPECS), through dag.test()."""
+    import yaml
+
+    from dbguard.airflow import env as afenv
+    from test_dag import dagbag
+
+    path = tmp_path / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    bag = dagbag()
+    dag = bag.dags[f"dbguard_{raw['name']}"]
+    run = dag.test()
+    return bag, dag, run, afenv.run_result(run)
+
+
+def test_q2q_dag_copies_gates_and_moves_the_alias_and_its_rollback_dag_moves_it_back(airflow_db, qd, tmp_path,
+                                                                                      monkeypatch):
+    vecs = clustered(300, 13, norm_spread=0.9)
+    live(qd, vecs)
+    qdrant.swap_alias(qd, "items", LIVE)
+    raw = q2q(gold=write_gold(tmp_path / "g.jsonl", vecs[::23]), qdrant={"hnsw": {"m": 40}})
+    raw.update(name="q2q_dag", run_cutover=True)
+    bag, dag, run, result = _dag_run(raw, tmp_path, monkeypatch)
+    assert {t.task_id for t in dag.tasks} == {"preflight", "plan_ranges", "copy_range", "reconcile", "shadow_reads",
+                                              "cutover", "finalize"}  # no PostgreSQL capture, schema or table gates
+    assert run.state == "success", result
+    assert result["status"] == "cutover" and result["checksum_ok"] is True and result["migrated_rows"] == 300
+    assert result["lambda_state"] == "convergent" and result["delta_s_diff"] <= 0.02 and result["points_per_s"]
+    assert result["aliases"]["items"] == {"previous": LIVE, "current": NEW}
+    assert qdrant.alias_target(qd, "items") == NEW and qd.collection_exists(LIVE)
+    back = bag.dags["dbguard_q2q_dag_rollback"].test()
+    assert back.state == "success" and qdrant.alias_target(qd, "items") == LIVE
+
+
+def test_q2pg_dag_copies_indexes_and_gates_and_a_failed_gate_fails_the_run_naming_the_metric(airflow_db, dbpair, qd,
+                                                                                            tmp_path, monkeypatch):
+    vecs = clustered(300, 14, norm_spread=0.9)
+    live(qd, vecs, named=False)
+    gold = write_gold(tmp_path / "g.jsonl", vecs[::23])
+    raw = q2pg([{"name": "title", "type": "text"}], gold=gold)
+    raw["name"] = "q2pg_dag"
+    _, dag, run, result = _dag_run(raw, tmp_path, monkeypatch)
+    assert "build_indexes" in {t.task_id for t in dag.tasks} and "cutover" not in {t.task_id for t in dag.tasks}
+    assert run.state == "success", result
+    assert result["target_store"] == "pgvector" and result["checksum_ok"] and result["migrated_rows"] == 300
+    assert result["lambda_state"] == "convergent"
+    with dbpair.tgt() as c:
+        assert c.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'items' AND indexdef LIKE '%hnsw%'"
+                         ).fetchone()[0] == 1
+    # Euclid on raw lengths (a Cosine collection stores unit vectors, where ip ranks as cosine does)
+    live(qd, vecs, named=False, metric="Euclid", name="items_l2")
+    raw["name"] = "q2pg_dag_bad"
+    raw["collections"][0].update(metric="ip")
+    raw["collections"][0]["source"].update(collection="items_l2", metric="l2")
+    raw["collections"][0]["pgvector"]["table"] = "items_ip"
+    _, _, run, result = _dag_run(raw, tmp_path, monkeypatch)
+    assert run.state == "failed" and result["status"] == "failed" and result["checksum_ok"] is True
+    assert "metric l2 -> ip" in result["reason"], result["reason"]

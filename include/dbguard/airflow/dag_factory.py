@@ -279,9 +279,14 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
     """The DAG for one spec file (raises SpecError when the spec is invalid); builders default to STAGES."""
     path = str(Path(spec_path).resolve())
     spec = env.spec_at(path)
+    if spec.collections:  # a Qdrant source: its own stages (collection_dag)
+        from . import collection_dag
+        builders, close, doc = builders or [collection_dag.stages], collection_dag.close, collection_dag.doc_md
+    else:
+        close, doc = _close, _doc_md
     dag = DAG(
         dag_id=spec.dag_id, schedule=timetable(spec), start_date=START_DATE, catchup=False,
-        max_active_runs=1, tags=["dbguard", *spec.tags], doc_md=_doc_md(spec, path),
+        max_active_runs=1, tags=["dbguard", *spec.tags], doc_md=doc(spec, path),
         description=spec.description or f"dbguard migration {spec.name}",
         default_args={"owner": "dbguard"},
         params=run_params(spec),
@@ -290,7 +295,7 @@ def build_dag(spec_path: str | os.PathLike, builders: list[StageBuilder] | None 
         b = Build(spec, path, dag)
         for builder in builders or STAGES:
             builder(b)
-        _close(b)
+        close(b)
     return dag
 
 
@@ -307,8 +312,22 @@ def _one_task_dag(spec_path: str | os.PathLike, suffix: str, operator, descripti
     return dag
 
 
+def _collection_dag(spec_path, suffix: str) -> DAG | None:
+    """The rollback / finish DAG of a spec with a Qdrant source (None for a spec of tables)."""
+    spec = env.spec_at(str(Path(spec_path).resolve()))
+    if not spec.collections:
+        return None
+    from . import collection_dag
+
+    op, doc = collection_dag.ROLLBACK if suffix == "rollback" else collection_dag.FINISH
+    return _one_task_dag(spec_path, suffix, op, suffix, lambda s: f"# {suffix.title()} `{s.name}`\n\n{doc}", {})
+
+
 def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
     """`dbguard_<name>_rollback`: one click in the UI aborts a run, or flips a cut-over run back."""
+    qdrant_source = _collection_dag(spec_path, "rollback")
+    if qdrant_source is not None:
+        return qdrant_source
     return _one_task_dag(
         spec_path, "rollback", RollbackOperator, "roll back",
         lambda spec: (f"# Roll back `{spec.name}`\n\nBefore a cutover: applies the last captured changes, turns "
@@ -330,6 +349,9 @@ def build_rollback_dag(spec_path: str | os.PathLike) -> DAG:
 def build_finish_dag(spec_path: str | os.PathLike) -> DAG:
     """`dbguard_<name>_finish`: ends the dual-write tail of a cut-over run (trigger it after
     rollback_ttl_minutes): reverse capture off, rollback no longer offered."""
+    qdrant_source = _collection_dag(spec_path, "finish")
+    if qdrant_source is not None:
+        return qdrant_source
     return _one_task_dag(
         spec_path, "finish", FinishOperator, "end the dual-write tail of",
         lambda spec: (f"# Finish `{spec.name}`\n\nAfter cutover the source is kept current by reverse capture for "
