@@ -382,3 +382,15 @@ def test_q2pg_dag_copies_indexes_and_gates_and_a_failed_gate_fails_the_run_namin
     _, _, run, result = _dag_run(raw, tmp_path, monkeypatch)
     assert run.state == "failed" and result["status"] == "failed" and result["checksum_ok"] is True
     assert "metric l2 -> ip" in result["reason"], result["reason"]
+
+
+def test_validate_names_each_collection_move_and_no_postgresql_connection(tmp_path, capsys):
+    import yaml
+
+    from dbguard import cli
+
+    raw = q2q(gold=write_gold(tmp_path / "g.jsonl", clustered(3, 15)))
+    path = tmp_path / "q2q.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["validate", str(path)]) == 0
+    assert "collections: qdrant items_live -> qdrant items_v2" in capsys.readouterr().out

@@ -137,8 +137,8 @@ def embedded_uris(*, reset_target: bool = False) -> dict[str, str]:
 def use_embedded_if_default(spec: MigrationSpec) -> dict[str, str]:
     """Export the embedded servers' URIs when the spec uses the default conn ids and the user
     has not set AIRFLOW_CONN_<ID> (a real Postgres always wins)."""
-    ids = {spec.source.conn_id, spec.target.conn_id}
-    if ids <= set(embedded.DEFAULT_CONN_IDS) and not all(os.environ.get(db.env_var(i)) for i in ids):
+    ids = {e.conn_id for e in (spec.source, spec.target) if e is not None}  # a Qdrant source has no source
+    if ids and ids <= set(embedded.DEFAULT_CONN_IDS) and not all(os.environ.get(db.env_var(i)) for i in ids):
         return embedded.export_env(embedded_uris())
     return {}
 
@@ -149,7 +149,8 @@ def undefined_connections(spec: MigrationSpec) -> list[tuple[str, str]]:
     """(field, message) for each conn_id nothing defines: not AIRFLOW_CONN_<ID>, not the embedded
     default, not an Airflow connection (asked only when the first two miss, since it imports Airflow)."""
     problems = []
-    for field, conn_id in (("source.conn_id", spec.source.conn_id), ("target.conn_id", spec.target.conn_id)):
+    for field, conn_id in [(f"{f}.conn_id", e.conn_id) for f, e in (("source", spec.source), ("target", spec.target))
+                           if e is not None]:
         if os.environ.get(db.env_var(conn_id)):
             try:  # a URI psycopg cannot decode is refused here, by its conn id
                 db.dsn_for(conn_id)
@@ -189,6 +190,10 @@ def cmd_validate(args) -> int:
 
     for field, why in suspicious_names(spec):
         say(f"warning: {field}: {why}")
+    if spec.collections:
+        print(f"{args.spec}: valid. migration {spec.name!r} (DAG {spec.dag_id}), collections: "
+              + ", ".join(mv.label for mv in spec.collections))
+        return EXIT_OK
     print(f"{args.spec}: valid. migration {spec.name!r} (DAG {spec.dag_id}), "
           f"{spec.source.conn_id} -> {spec.target.conn_id}, tables: "
           + ", ".join(f"{t.schema_}.{t.name}" for t in spec.table_order()))
@@ -309,7 +314,7 @@ def run_spec(spec_path: str, conf: dict, *, verbose: bool = False) -> dict:
                                + ("; ".join(bag.import_errors.values()) or "not found"))
         say(f"running {spec.dag_id} with conf {json.dumps(conf)}")
         t0 = time.monotonic()
-        with progress.Progress(spec, term):
+        with (contextlib.nullcontext() if spec.collections else progress.Progress(spec, term)):
             dag_run = dag.test(run_conf=conf)
     if not verbose and log_path.exists():
         named = log_dir / f"{report._safe(dag_run.run_id)}.airflow.log"
@@ -348,6 +353,8 @@ def preflight_refusal(spec: MigrationSpec) -> str | None:
     from .errors import ConnectionFailed, PreflightError
 
     use_embedded_if_default(spec)
+    if spec.collections:  # a Qdrant source: the DAG's own preflight task reads only and refuses
+        return None
     try:
         preflight.validate(spec)
         return None

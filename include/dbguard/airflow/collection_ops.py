@@ -10,8 +10,8 @@ import json
 import logging
 from typing import Any
 
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import BaseOperator, SkipMixin
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from .. import collection_stages as cs
 from ..errors import DbguardError
@@ -45,9 +45,15 @@ class CollectionOperator(BaseOperator):
         raise NotImplementedError
 
 
-class CollectionPreflight(CollectionOperator):
+class CollectionPreflight(CollectionOperator, SkipMixin):
+    """Reads only. With Param dry_run every later stage is skipped (finalize still runs)."""
+
     def run(self, spec, context):
-        return cs.preflight(spec, context["run_id"])
+        result = cs.preflight(spec, context["run_id"])
+        if context["params"].get("dry_run"):
+            context["ti"].xcom_push(key="return_value", value=result)
+            self.skip(ti=context["ti"], tasks=self.get_direct_relatives(upstream=False))
+        return result
 
 
 class CollectionPlan(CollectionOperator):
@@ -86,6 +92,8 @@ class CollectionShadowReads(CollectionOperator):
 
 class CollectionCutover(CollectionOperator):
     def run(self, spec, context):
+        if context["params"].get("skip_cutover"):
+            raise AirflowSkipException("skip_cutover: copied and verified, the alias stays on the live collection")
         return cs.cutover(spec, context["run_id"])
 
 
@@ -114,7 +122,8 @@ class CollectionFinalize(CollectionOperator):
         pull = lambda task, key="return_value": ti.xcom_pull(task_ids=task, key=key)  # noqa: E731
         errors = [e for t in sorted(states) for e in _as_list(pull(t, ERROR_XCOM_KEY)) if e]
         copies = _as_list(pull("copy_range"))
-        status = "failed" if failed else ("cutover" if states.get("cutover") == "success" else "success")
+        status = "failed" if failed else ("cutover" if states.get("cutover") == "success" else
+                                          "dry_run" if context["params"].get("dry_run") else "success")
         result = cs.finalize(spec, context["run_id"], status, {
             "reconcile": pull("reconcile"), "shadow_reads": pull("shadow_reads"), "cutover": pull("cutover"),
             "copy": [c for c in copies if isinstance(c, dict)], "reason": "\n".join(errors) or None})
