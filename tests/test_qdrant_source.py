@@ -122,6 +122,19 @@ def test_preflight_refuses_an_unknown_collection_a_wrong_dim_or_metric_and_infin
 
 # ---- Qdrant -> Qdrant ----------------------------------------------------------------------------
 
+def test_a_point_hashes_as_qdrant_point_hash_and_every_named_and_sparse_vector_counts():
+    """One unnamed vector: exactly qdrant.point_hash (the pgvector -> Qdrant checksum); more vectors: each
+    name, dense bytes and sparse indices and values change the hash."""
+    v = clustered(1, 16)[0]
+    assert qdrant_source.SPoint("7", {"a": 1}, {"": v}).digest() == qdrant.point_hash("7", {"a": 1}, v)
+    sp = (np.array([1, 4], np.uint32), np.array([0.5, 0.25], np.float32))
+    base = qdrant_source.SPoint("7", {"a": 1}, {"dense": v, "kw": sp}).digest()
+    variants = [{"dense": v, "kw": (sp[0], np.array([0.5, 0.2500001], np.float32))},
+                {"dense": v, "kw": (np.array([1, 5], np.uint32), sp[1])},
+                {"other": v, "kw": sp}, {"dense": v}]
+    assert all(qdrant_source.SPoint("7", {"a": 1}, x).digest() != base for x in variants)
+
+
 def test_the_new_collection_recreates_named_and_sparse_vectors_and_per_vector_settings_except_the_changes(qd):
     live(qd, clustered(30, 2))
     spec = parse_spec(q2q(qdrant={"hnsw": {"m": 32}}, metric="ip"))

@@ -9,12 +9,12 @@ values, by index). Both sides of every comparison are reduced by this one functi
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import xxhash
 
 from ..spec import QDRANT_DISTANCE, CollectionMove
 from . import qdrant, qdrant_payload
@@ -31,7 +31,7 @@ class SPoint:
     def digest(self) -> int:
         if set(self.vectors) == {""}:
             return qdrant.point_hash(self.id, self.payload, self.vectors[""])
-        h = hashlib.blake2b(digest_size=8)
+        h = xxhash.xxh3_64()  # as qdrant.point_hash
         parts = [self.id.encode(), qdrant_payload.canonical(self.payload).encode()]
         for name in sorted(self.vectors):
             v = self.vectors[name]
@@ -43,7 +43,7 @@ class SPoint:
         for part in parts:
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-        return int.from_bytes(h.digest(), "little")
+        return h.intdigest()
 
 
 def range_sum(points) -> qdrant.RangeSum:
