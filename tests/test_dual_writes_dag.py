@@ -49,6 +49,8 @@ def test_writer_during_the_whole_dag_loses_nothing(airflow_db, dbpair, reports):
         gate = b.execute("SELECT detail->>'mode' FROM dbguard.events WHERE run_id = %s AND stage = 'final_verify'",
                          (dag_run.run_id,)).fetchall()
         assert gate == [("snapshot",)], gate
+        # it compared again because the writer kept writing after reconcile, and the result says so
+        assert result["checksum_gate_mode"] == "measured", result
         # so did reconcile: the writer's in-flight changes were not taken for differences (nothing bisected)
         rec = b.execute("SELECT detail->>'mode' FROM dbguard.events WHERE run_id = %s AND stage = 'reconcile'",
                         (dag_run.run_id,)).fetchall()

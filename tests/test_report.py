@@ -53,6 +53,9 @@ def test_shop_run_report_has_verdict_plots_and_the_json_values(airflow_db, dbpai
     assert "<td class='num'>10,000</td>" in text and result["migrated_rows"] == 10_000  # migrated rows
     assert re.search(r"checksum \(counts \+ sums, every table\)</td><td class='num'>equal</td>", text)
     assert result["checksum_ok"] is True
+    # nothing wrote either side after reconcile: the gate took its verdict instead of comparing again, and says so
+    assert result["checksum_gate_mode"] == "reused reconcile verdict", result
+    assert re.search(r"checksum gate verdict</td><td class='num'>reused reconcile verdict: nothing applied", text)
     assert "<td class='num'>5 / 5</td>" in text  # completeness: verified vs planned ranges
     saved = json.loads(path.with_suffix(".json").read_text())
     assert saved["result"]["report"] == str(path) and len(saved["ranges"]) == 5

@@ -19,7 +19,7 @@ SCHEMA = "dbguard"
 # Names fixed by the brief; `result_line` prints them in this order.
 RESULT_KEYS = ("migration", "status", "migrated_rows", "checksum_ok", "dual_write_fail",
                "delta_s_diff", "lambda_state", "cutover_ms", "report", "reason",
-               "rollback_ms", "writes_after_cutover", "target_store")
+               "rollback_ms", "writes_after_cutover", "target_store", "checksum_gate_mode")
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS dbguard;

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import psycopg
 from psycopg import sql
 
-from . import capture, catalog, db, ledger, preflight as pf, report, retrieval, target_schema
+from . import capture, catalog, db, gate_reuse, ledger, preflight as pf, report, retrieval, target_schema
 from .backfill import copy_range as _copy_range
 from .cutover import watermark
 from .ranges import KeyRange, plan
@@ -152,13 +152,20 @@ def reconcile(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     if not _capturing(spec):
         return _reconcile_all(spec, run_id, "reconcile")
     t0 = time.monotonic()
+    # what the checksum gate needs to reuse this verdict (gate_reuse): the target's foreign-write counter armed
+    # and the state about to be compared, both before the comparison
+    observed = gate_reuse.observe(spec, watermark.arm(spec, spec.capture.ddl_lock_timeout_ms))
     with _at_snapshot(spec, run_id) as at:
         tables = _compare_tables(spec, at.src, at.tgt) if at else {}
+        snapshot, applied = (at.snapshot, at.applied) if at else (None, None)
     equal = {n: r for n, r in tables.items() if r["equal"] and r["orphans"] == 0}
     if tables and len(equal) == len(tables):
         seconds = round(time.monotonic() - t0, 3)
+        gate_reuse.record(spec, run_id, observed, tables, snapshot=snapshot, applied=applied)
         return {**_record_tables(spec, run_id, "reconcile", tables, mode="snapshot", seconds=seconds),
                 "mode": "snapshot", "seconds": seconds}
+    gate_reuse.record(spec, run_id, None, tables, why="reconcile found a difference, or could not compare at one "
+                                                      "source snapshot, and repaired: the gate measures")
     capture.drain(spec, run_id)  # what the application wrote meanwhile is not a difference
     return _record_tables(spec, run_id, "reconcile", {
         t.ref: equal.get(t.ref) or reconcile_table(spec, run_id, t) for t in spec.table_order()}, mode="repair")
@@ -178,6 +185,7 @@ class _Snapshots:
     tgt: psycopg.Connection  # REPEATABLE READ, holding the source as of `snapshot`
     snapshot: str
     drained: int
+    applied: int  # the applier's count of applied ops when the target held the source as of `snapshot`
 
 
 @contextlib.contextmanager
@@ -203,7 +211,7 @@ def _at_snapshot(spec: MigrationSpec, run_id: str) -> Iterator[_Snapshots | None
         tgt.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         tgt.execute("SELECT 1")  # the target's snapshot: the applier is held until here
         hold.commit()
-        yield _Snapshots(src, tgt, snapshot, d["applied"])
+        yield _Snapshots(src, tgt, snapshot, d["applied"], cur.get("applied", 0))
         src.rollback()
 
 
@@ -319,14 +327,49 @@ def record_task_failure(spec: MigrationSpec, run_id: str, task: str, message: st
 
 @_resolved
 def checksum_gate(spec: MigrationSpec, run_id: str) -> tuple[bool, str]:
-    """(passed, message): passes only at 100 % completeness and equal checksums (verified under a
-    brief write freeze when dual writes are on)."""
-    if _capturing(spec) and not checksum_problems(spec, run_id, completeness_only=True):
-        final_verify(spec, run_id)
+    """(passed, message): passes only at 100 % completeness and equal checksums. With dual writes on, reconcile's
+    verdict is reused when gate_reuse proves nothing changed since; else the tables are compared again
+    (final_verify). Metrics checksum_gate_mode / checksum_gate_reason say which, and why."""
+    mode = ""
+    if not checksum_problems(spec, run_id, completeness_only=True):
+        mode = _verify_or_reuse(spec, run_id) if _capturing(spec) else _gate_mode(
+            spec, run_id, gate_reuse.REUSED, ["dual writes are off: the gate reads reconcile's verdict (no change "
+                                              "ledger to prove or re-check it against)"])
     problems = checksum_problems(spec, run_id)
     if problems:
         return False, "checksum gate failed:\n" + "\n".join(f"  - {p}" for p in problems)
-    return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal"
+    return True, f"checksum gate passed: {len(spec.tables)} table(s) complete and equal{mode}"
+
+
+def _gate_mode(spec: MigrationSpec, run_id: str, mode: str, reasons: list[str], **detail) -> str:
+    """Metrics checksum_gate_mode and checksum_gate_reason, event checksum_gate_mode; returns them for the message."""
+    reason = "; ".join(reasons)
+    with db.target(spec) as tgt:
+        ledger.set_metric(tgt, run_id, spec.name, "checksum_gate_mode", mode, commit=False)
+        ledger.set_metric(tgt, run_id, spec.name, "checksum_gate_reason", reason, commit=False)
+        ledger.event(tgt, run_id, spec.name, "checksum_gate_mode", {"mode": mode, "reason": reason, **detail})
+    return f" ({mode}: {reason})"
+
+
+def _verify_or_reuse(spec: MigrationSpec, run_id: str) -> str:
+    """Reuse reconcile's verdict when gate_reuse.check proves it still holds: it becomes the gate's (metric
+    final_verify, mode reused) and the verified watermark is reconcile's snapshot. Else final_verify measures."""
+    t0 = time.monotonic()
+    evidence, reasons = gate_reuse.check(spec, run_id)
+    if reasons:
+        out = final_verify(spec, run_id)
+        return _gate_mode(spec, run_id, gate_reuse.MEASURED, reasons, seconds=out.get("seconds"),
+                          verify_mode=out.get("mode"))
+    with db.target(spec) as tgt:
+        tables = ledger.metrics(tgt, run_id)["reconcile"]
+    seconds = round(time.monotonic() - t0, 3)
+    out = {**_record_tables(spec, run_id, "final_verify", tables, mode="reused", snapshot=evidence["snapshot"],
+                            seconds=seconds), "mode": "reused", "snapshot": evidence["snapshot"]}
+    with db.source(spec) as src:
+        _gate_verdict(spec, run_id, src, out, evidence["foreign_writes"], evidence["snapshot"])
+    why = (f"nothing applied, captured, repaired or written on the target since reconcile's snapshot; "
+           f"checked in {seconds:.3f} s")
+    return _gate_mode(spec, run_id, gate_reuse.REUSED, [why], seconds=seconds)
 
 
 def _verify_tail(spec: MigrationSpec, run_id: str, src, out: dict, problems: list[str]) -> None:

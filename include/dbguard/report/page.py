@@ -94,6 +94,9 @@ def gates(spec: MigrationSpec, data: dict, f: dict[str, pd.DataFrame]) -> list[t
     if "checksum_ok" in m:
         out.append(("checksum (counts + sums, every table)", "equal" if m["checksum_ok"] else "MISMATCH",
                     "equal", bool(m["checksum_ok"])))
+    if m.get("checksum_gate_mode"):  # one proof or two: did the gate compare again, and why (gate_reuse)
+        out.append(("checksum gate verdict", f"{m['checksum_gate_mode']}: {m.get('checksum_gate_reason') or ''}",
+                    "", None))
     r = f["ranges"]
     if len(r):
         done = int((r["status"] == "verified").sum())
@@ -192,7 +195,7 @@ def query_table(shadow: pd.DataFrame) -> str:
             + _fmt_frame(worst))
 
 
-SKIP_METRICS = {"reconcile", "final_verify", "cutover_steps", "rollback_steps", "excluded_columns",
+SKIP_METRICS = {"reconcile", "final_verify", "reconcile_evidence", "cutover_steps", "rollback_steps", "excluded_columns",
                 "schema_objects", "migrated_columns", "schema_created"}
 
 
