@@ -154,7 +154,7 @@ def bench_reconcile(rows: int) -> None:
 BENCHES = {"backfill": bench_backfill, "reconcile": bench_reconcile}
 EXTERNAL = {"capture": "bench.capture", "shadow_reads": "bench.shadow_reads",
             "airflow_overhead": "bench.airflow_overhead", "scale": "bench.scale",
-            "cutover": "bench.cutover", "qdrant": "bench.qdrant"}
+            "cutover": "bench.cutover", "qdrant": "bench.qdrant", "gate_reuse": "bench.gate_reuse"}
 
 
 def main(argv: list[str] | None = None) -> int:
