@@ -105,6 +105,8 @@ def checksum_exprs(table: Table, column: Column, side: str, tolerance: float = 1
         return [sql.SQL('({}) COLLATE "C"').format(e)]
     if _FLOAT.match(t):  # −0 = 0 for the hash: add the text of zeros only (cheap)
         return [e, sql.SQL("CASE WHEN {0} = 0 THEN ({0})::text END").format(e)]
-    if _NUMERIC.match(t):  # 1.10 = 1.1 for the hash: add the scale
-        return [e, sql.SQL("scale({})").format(e)]
+    if _NUMERIC.match(t):  # 1.10 = 1.1 for the hash: add the scale. NaN, ±Infinity and NULL hash alike (0) and
+        # have no scale: name the special values (normal values keep the plain scale, so their hashes do not change)
+        return [e, sql.SQL("coalesce(scale({0}), CASE WHEN {0} = 'NaN' THEN -1 WHEN {0} > 0 THEN -2 "
+                           "WHEN {0} < 0 THEN -3 END)").format(e)]
     return [e]
