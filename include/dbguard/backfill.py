@@ -1,12 +1,13 @@
 """Backfill: copy one key range by streaming COPY from source to target, then verify it.
 
 A range is copied in ONE target transaction: delete whatever the target holds
-in the range, COPY the source rows in, checksum the range on the target,
-count orphan foreign keys, and write the ledger row; then commit. A retry
-(after a crash, a kill or a timeout) repeats the same transaction, so a range
-is never half-copied or duplicated. The source side reads a REPEATABLE READ
-snapshot that it exports to a second session, which checksums the range
-while the rows stream.
+in the range, COPY the source rows in, prove the range, count orphan foreign
+keys, and write the ledger row; then commit. A retry (after a crash, a kill or
+a timeout) repeats the same transaction, so a range is never half-copied or
+duplicated. The proof (range_proof) hashes the source stream as the relay
+carries it and the range read back from the target; tables it cannot prove
+byte for byte are checksummed in SQL instead: the source side in a REPEATABLE
+READ snapshot exported to a second session while the rows stream.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from psycopg import pq, sql
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
-from . import db, ledger
+from . import db, ledger, range_proof
 from .capture import fence_copy
 from .checksum import Checksum, Hashing, checksum, relation
 from .ranges import KeyRange, predicate
@@ -53,7 +54,7 @@ class RangeResult:
         return {"table": self.table, "range_id": self.range_id, "label": self.label, "rows": self.rows,
                 "seconds": round(self.seconds, 3), "source": self.source.to_dict(),
                 "target": self.target.to_dict(), "orphans": self.orphans, "ok": self.ok,
-                "source_rev": self.source_rev, "target_rev": self.target_rev}
+                "source_rev": self.source_rev, "target_rev": self.target_rev, **self.extra}
 
 
 def fence(tgt: psycopg.Connection, spec: MigrationSpec) -> None:
@@ -117,26 +118,30 @@ class Throttle:
 
 
 def stream_rows(src: psycopg.Connection, tgt: psycopg.Connection, table: Table, where: sql.Composable,
-                fmt: str, throttle: Throttle | None = None) -> int:
+                fmt: str, throttle: Throttle | None = None, *, out_q: sql.Composable | None = None,
+                digest: "range_proof.StreamDigest | None" = None) -> int:
     """COPY the selected source rows into the target table; returns rows written.
 
     A queued writer sends to the target from its own thread while this one reads the source, so the
-    two servers work at once (as in a `psql | psql` pipe) instead of taking turns."""
+    two servers work at once (as in a `psql | psql` pipe) instead of taking turns. `out_q` replaces the
+    source read (the range proof's, in key order); `digest` hashes the stream as it passes."""
     opts = sql.SQL("(FORMAT binary)") if fmt == "binary" else sql.SQL("")
-    out_q = sql.SQL("COPY (SELECT {cols} FROM {t} WHERE {w}) TO STDOUT {o}").format(
+    out_q = out_q or sql.SQL("COPY (SELECT {cols} FROM {t} WHERE {w}) TO STDOUT {o}").format(
         cols=select_list(table), t=relation(table, "source"), w=where, o=opts)
     in_q = sql.SQL("COPY {t} ({cols}) FROM STDIN {o}").format(
         t=relation(table, "target"), cols=column_list(table), o=opts)
     with tgt.cursor() as tcur:
         with tcur.copy(in_q, writer=BoundedQueuedWriter(tcur)) as inp, \
-                closing(copy_out(src, out_q.as_bytes(src), throttle)) as chunks:
+                closing(copy_out(src, out_q.as_bytes(src), throttle, digest)) as chunks:
             for chunk in chunks:
                 inp.write(chunk)
         return tcur.rowcount
 
 
-def copy_out(conn: psycopg.Connection, query: bytes, throttle: Throttle | None = None) -> Iterator[bytearray]:
-    """The output of a COPY ... TO STDOUT on `conn`, in pieces of about 1 MB.
+def copy_out(conn: psycopg.Connection, query: bytes, throttle: Throttle | None = None,
+             digest: "range_proof.StreamDigest | None" = None) -> Iterator[bytearray]:
+    """The output of a COPY ... TO STDOUT on `conn`, in pieces of about 1 MB; `digest` hashes each piece
+    before it is yielded and is told how many CopyData messages (rows) made the stream.
 
     Read straight from libpq: psycopg's Copy iterator costs ~2.5 µs of Python a row (a generator and a
     wait per row), which on a CPU-bound copy is CPU the servers need; this loop costs about half (one
@@ -167,13 +172,17 @@ def copy_out(conn: psycopg.Connection, query: bytes, throttle: Throttle | None =
     done = False
     try:
         buf, get, tick = bytearray(), pg.get_copy_data, throttle.tick if throttle and throttle.cap else None
+        hash_, messages = digest.update if digest else None, 0
         while True:
             n, data = get(1)
             if n > 0:
                 buf += data
+                messages += 1
                 if tick:
                     tick()
                 if len(buf) >= WRITE_BATCH_BYTES:
+                    if hash_:
+                        hash_(buf)
                     yield buf
                     buf = bytearray()
             elif n == 0:
@@ -183,7 +192,11 @@ def copy_out(conn: psycopg.Connection, query: bytes, throttle: Throttle | None =
                 break
             else:
                 raise psycopg.OperationalError(f"COPY from the source failed: {pg.get_error_message()}")
+        if digest:
+            digest.messages = messages
         if buf:
+            if hash_:
+                hash_(buf)
             yield buf
         if (res := result()).status != pq.ExecStatus.COMMAND_OK:
             raise failed(res)
@@ -248,6 +261,29 @@ def _snapshot_checksum(spec: MigrationSpec, table: Table, r: KeyRange, snapshot:
         return ck
 
 
+def _stream_proven(src: psycopg.Connection, tgt: psycopg.Connection, table: Table, r: KeyRange, fmt: str,
+                   rows_per_second: int | None) -> tuple[Checksum, Checksum, int]:
+    """Copy the range in key order, hashing the stream as it passes; then hash the range read back."""
+    tgt.execute(sql.SQL("DELETE FROM {} WHERE {}").format(relation(table, "target"), predicate(table, r)))
+    digest = range_proof.StreamDigest(fmt)
+    rows = stream_rows(src, tgt, table, predicate(table, r), fmt, Throttle(rows_per_second),
+                       out_q=range_proof.source_query(table, r, fmt), digest=digest)
+    return digest.checksum(), range_proof.read_back(tgt, table, r, fmt), rows
+
+
+def _checksummed(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection, table: Table,
+                 r: KeyRange, rows_per_second: int | None) -> tuple[str, Checksum, Checksum, int]:
+    """The SQL checksum on both servers: the source's in a second session on the copy's exported snapshot."""
+    snapshot, source_rev = src.execute("SELECT pg_export_snapshot(), pg_current_snapshot()::text").fetchone()
+    h = Hashing.between(spec, src, tgt)
+    with ThreadPoolExecutor(1) as pool:
+        src_ck = pool.submit(_snapshot_checksum, spec, table, r, snapshot, h)
+        tgt.execute(sql.SQL("DELETE FROM {} WHERE {}").format(relation(table, "target"), predicate(table, r)))
+        rows = stream_rows(src, tgt, table, predicate(table, r), copy_format(spec, table), Throttle(rows_per_second))
+        tgt_ck = checksum(tgt, table, "target", r, h)
+        return source_rev, src_ck.result(), tgt_ck, rows
+
+
 def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
                rows_per_second: int | None = None, planned: int | None = None,
                before_commit: Callable[[psycopg.Connection], None] | None = None) -> RangeResult:
@@ -255,22 +291,19 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
     recorded with it, for the completeness check. `before_commit` is a test hook (crash simulation)."""
     table = spec.table(r.table)
     t0 = time.monotonic()
+    fallback = range_proof.fallback_reason(spec, table)
     with db.source(spec) as src, db.target(spec) as tgt:
         fence(tgt, spec)
         src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        snapshot, source_rev = src.execute(
-            "SELECT pg_export_snapshot(), pg_current_snapshot()::text").fetchone()
-        h = Hashing.between(spec, src, tgt)
-        with ThreadPoolExecutor(1) as pool:
-            src_ck = pool.submit(_snapshot_checksum, spec, table, r, snapshot, h)
-            tgt.execute(sql.SQL("DELETE FROM {} WHERE {}").format(relation(table, "target"), predicate(table, r)))
-            rows = stream_rows(src, tgt, table, predicate(table, r), copy_format(spec, table),
-                               Throttle(rows_per_second))
-            tgt_ck = checksum(tgt, table, "target", r, h)
-            orphans = orphan_count(tgt, spec, table, r)
-            target_rev = str(tgt.execute("SELECT pg_current_xact_id()").fetchone()[0])
-            res = RangeResult(table.ref, r.range_id, r.label, rows, time.monotonic() - t0, src_ck.result(),
-                              tgt_ck, orphans, source_rev, target_rev)
+        if fallback is None:
+            source_rev = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+            src_ck, tgt_ck, rows = _stream_proven(src, tgt, table, r, copy_format(spec, table), rows_per_second)
+        else:
+            source_rev, src_ck, tgt_ck, rows = _checksummed(spec, src, tgt, table, r, rows_per_second)
+        orphans = orphan_count(tgt, spec, table, r)
+        target_rev = str(tgt.execute("SELECT pg_current_xact_id()").fetchone()[0])
+        res = RangeResult(table.ref, r.range_id, r.label, rows, time.monotonic() - t0, src_ck, tgt_ck, orphans,
+                          source_rev, target_rev, {"proof": "stream" if fallback is None else "checksum"})
         src.rollback()
         res.seconds = time.monotonic() - t0
         record_range(tgt, spec, run_id, r, "verified" if res.ok else "mismatch", res)

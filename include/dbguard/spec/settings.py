@@ -19,6 +19,10 @@ class Backfill(_Model):
     retry_delay_seconds: float = Field(5, gt=0, le=3600)
     max_retry_delay_seconds: float = Field(300, gt=0, le=86400)
     copy_format: Literal["auto", "binary", "text"] = "auto"
+    verify: Literal["stream", "checksum"] = Field(
+        "stream", description="per-range proof: 'stream' compares the bytes the copy carried with the range read "
+                              "back from the target (exact, no extra scan of the source); 'checksum' runs the SQL "
+                              "checksum on both servers (see docs: Verification)")
 
 
 class Gates(_Model):
