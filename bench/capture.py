@@ -1,6 +1,6 @@
 """Benchmark `capture`: what change capture costs the application, and how fast the applier drains.
 
-Line 1: the demo writer (tests/writer.py, one autocommit transaction per insert/update/delete) doing a fixed
+Line 1: the demo writer (dbguard.writer.shop_writer, one autocommit transaction per insert/update/delete) doing a fixed
 number of operations with capture off (baseline) and on, alternating in short rounds; speed_ratio =
 baseline time per op / time per op with capture (goal >= 0.7). Lines 2-3: the applier draining the captured ledger into the target (goal >= 2,000 changes/s).
 Runs on the embedded servers in two scratch databases, dropped at the end.
@@ -17,15 +17,13 @@ from pathlib import Path
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # tests/writer.py: the application that writes
 sys.path.insert(0, str(ROOT))
 
 from bench.common import drop_databases, fresh_databases  # noqa: E402
 from dbguard import capture, stages  # noqa: E402
 from dbguard.demo import load_shop  # noqa: E402
 from dbguard.spec import load_spec  # noqa: E402
-
-from writer import BackgroundWriter  # noqa: E402
+from dbguard.writer import shop_writer  # noqa: E402  (the application that writes)
 
 
 ROUNDS = 3
@@ -60,9 +58,9 @@ def main(ops: int = int(os.environ.get("BENCH_CAPTURE_OPS", "4000"))) -> None:
                 else:
                     capture.capture_on(spec, run_id)
                 seed = 10 * rnd + (1 if side == "off" else 2)
-                runs[side].append(BackgroundWriter(src, seed=seed, rate=None, max_ops=ops // ROUNDS).start().wait())
-                runs[side + "_sync"].append(BackgroundWriter(src, seed=seed + 4, rate=None, max_ops=sync_ops // ROUNDS,
-                                                             synchronous_commit="on").start().wait())
+                runs[side].append(shop_writer(src, seed=seed, rate=None, max_ops=ops // ROUNDS).start().wait())
+                runs[side + "_sync"].append(shop_writer(src, seed=seed + 4, rate=None, max_ops=sync_ops // ROUNDS,
+                                                        synchronous_commit="on").start().wait())
         off, on, off_sync, on_sync = (_total(runs[k]) for k in ("off", "on", "off_sync", "on_sync"))
         print(json.dumps({"bench": "capture", "rows": on["ops"], "seconds": on["seconds"], "baseline": off["ops"],
                           "baseline_seconds": off["seconds"],

@@ -20,7 +20,7 @@ from dbguard import capture
 from dbguard.demo import load_shop
 from dbguard.spec import load_spec, parse_spec
 
-from writer import BackgroundWriter
+from dbguard.writer import shop_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "run-capture-1"
@@ -200,7 +200,7 @@ def test_applier_killed_mid_batch_loses_and_duplicates_nothing(dbpair, shop, how
     spec = shop
     capture.capture_on(spec, RUN)
     copy_tables(dbpair, spec)
-    BackgroundWriter(dbpair.src_dsn, seed=3, rate=None).run_for(1.0)
+    shop_writer(dbpair.src_dsn, seed=3, rate=None).run_for(1.0)
     total = ledger_ops(dbpair, spec)
     assert total > 100
     calls = {"n": 0}
@@ -337,7 +337,7 @@ def test_writer_during_copy_then_drain_ends_identical(dbpair):
     spec = shop_spec(batch_ops=500)
     create_target(dbpair.tgt_dsn, spec, fks=True)  # foreign keys enforced in the target as well
     capture.capture_on(spec, RUN)
-    w = BackgroundWriter(dbpair.src_dsn, seed=11, rate=250).start()
+    w = shop_writer(dbpair.src_dsn, seed=11, rate=250).start()
     time.sleep(1.0)
     copy_tables(dbpair, spec)
     time.sleep(1.0)
@@ -362,7 +362,7 @@ def test_drain_concurrent_with_a_fenced_copy_converges(dbpair, shop):
     """Drains running alongside the copy (the fence orders them) still end identical."""
     spec = shop
     capture.capture_on(spec, RUN)
-    w = BackgroundWriter(dbpair.src_dsn, seed=5, rate=300).start()
+    w = shop_writer(dbpair.src_dsn, seed=5, rate=300).start()
     stop = threading.Event()
     errors = []
 

@@ -13,7 +13,7 @@ from dbguard.demo import load_shop
 
 from test_capture import RUN, assert_identical, copy_tables, create_target, fingerprint, shop_spec
 from util import spec as make_spec
-from writer import BackgroundWriter
+from dbguard.writer import shop_writer
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_reverse_capture_brings_every_target_write_back_to_the_source(dbpair, mi
     assert on["direction"] == "reverse" and capture.is_on(spec, direction="reverse")
     forward_ops_before = _ledger_count(dbpair.src_dsn, spec, "forward")
     # the application now writes to the target: inserts, updates, deletes and key changes
-    stats = BackgroundWriter(dbpair.tgt_dsn, seed=21, rate=None).run_for(1.0)
+    stats = shop_writer(dbpair.tgt_dsn, seed=21, rate=None).run_for(1.0)
     assert stats["errors"] == 0, stats["first_error"]
     with dbpair.tgt(autocommit=True) as app:
         app.execute("UPDATE shop.orders SET id = id + 500000000 WHERE id = (SELECT min(id) FROM shop.orders)")

@@ -10,6 +10,7 @@ import pytest
 from dbguard import capture, cutover, ledger, stages
 from dbguard.demo import load_shop
 from dbguard.spec import load_spec
+from dbguard.writer import Writer, orders_writer
 
 from test_capture import ROOT, assert_identical
 
@@ -39,56 +40,11 @@ def migrated(dbpair):
     return spec
 
 
-class PointerWriter:
+def pointer_writer(dbpair, spec) -> Writer:
     """An application that follows the control_table pointer: each transaction reads
-    dbguard.control.write_target FOR SHARE on the source, then writes there. Every committed insert is
-    remembered (key -> side), so a lost or doubled write shows."""
-
-    def __init__(self, src_dsn, tgt_dsn, migration, rate=200):
-        self.dsns = {"source": src_dsn, "target": tgt_dsn}
-        self.migration, self.rate = migration, rate
-        self.inserted: dict[int, str] = {}
-        self.errors: list[str] = []
-        self.max_stall_ms = 0.0
-        self._stop = threading.Event()
-        self.next_id = 800_000_000
-
-    def start(self):
-        self.conns = {k: psycopg.connect(v, autocommit=True) for k, v in self.dsns.items()}
-        self.ptr = psycopg.connect(self.dsns["source"])
-        self.cust = self.conns["source"].execute("SELECT min(id) FROM shop.customers").fetchone()[0]
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.t0 = time.monotonic()
-        self.thread.start()
-        return self
-
-    def _run(self):
-        n = 0
-        while not self._stop.is_set():
-            t = time.monotonic()
-            self.next_id += 1
-            try:
-                side = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = %s "
-                                        "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()[0]
-                self.conns[side].execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) "
-                                         "VALUES (%s, %s, now(), 1, 'placed')", (self.next_id, self.cust))
-                self.ptr.commit()
-                self.inserted[self.next_id] = side
-            except psycopg.Error as e:
-                self.ptr.rollback()
-                self.errors.append(str(e).splitlines()[0])
-            self.max_stall_ms = max(self.max_stall_ms, (time.monotonic() - t) * 1000)
-            n += 1
-            ahead = n / self.rate - (time.monotonic() - self.t0)
-            if ahead > 0:
-                time.sleep(ahead)
-
-    def stop(self):
-        self._stop.set()
-        self.thread.join(30)
-        for c in [*self.conns.values(), self.ptr]:
-            c.close()
-        return self
+    dbguard.control.write_target FOR SHARE on the source and inserts on that side before it commits. Every
+    acknowledged insert is remembered (side_of: key -> side), so a lost or doubled write shows."""
+    return orders_writer(dbpair.src_dsn, dbpair.tgt_dsn, spec.name, rate=200, weights={"insert": 1})
 
 
 def _ids(dsn) -> set[int]:
@@ -110,7 +66,7 @@ def test_check_ready_names_what_blocks(dbpair):
 def test_cutover_under_a_writer_then_rollback_loses_nothing(dbpair, migrated):
     spec = migrated
     assert cutover.check_ready(spec, RUN) == []
-    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    w = pointer_writer(dbpair, spec).start()
     time.sleep(0.7)
     out = cutover.cutover(spec, RUN)
     time.sleep(0.7)
@@ -132,13 +88,13 @@ def test_cutover_under_a_writer_then_rollback_loses_nothing(dbpair, migrated):
     time.sleep(0.5)
     w.stop()
     assert w.errors == [], w.errors[:3]
-    sides = set(w.inserted.values())
+    sides = set(w.side_of.values())
     assert sides == {"source", "target"}, sides  # the writer followed the flip and the flip back
-    assert set(w.inserted) <= _ids(dbpair.src_dsn)  # nothing lost
+    assert set(w.side_of) <= _ids(dbpair.src_dsn)  # nothing lost
     # the writer's inserts into the source after the flip back are (rightly) only there; without them the
     # two sides are equal row for row (a doubled insert would have failed its primary key)
-    last_on_target = max(k for k, side in w.inserted.items() if side == "target")
-    after = [k for k, side in w.inserted.items() if side == "source" and k > last_on_target]
+    last_on_target = max(k for k, side in w.side_of.items() if side == "target")
+    after = [k for k, side in w.side_of.items() if side == "source" and k > last_on_target]
     assert after and _ids(dbpair.src_dsn) - _ids(dbpair.tgt_dsn) == set(after)
     with dbpair.src(autocommit=True) as s:
         s.execute("DELETE FROM shop.orders WHERE id = ANY(%s)", (after,))
@@ -414,7 +370,7 @@ def _gate(spec):
 def test_after_the_gate_the_freeze_verifies_only_the_changed_rows(dbpair, migrated):
     spec = migrated
     _gate(spec)
-    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    w = pointer_writer(dbpair, spec).start()
     with dbpair.src(autocommit=True) as app:  # updates, a key change and a delete of rows the gate verified
         app.execute("UPDATE shop.customers SET full_name = 'after the gate' WHERE id IN (SELECT id FROM shop.customers "
                     "ORDER BY id LIMIT 5)")
@@ -510,11 +466,11 @@ def test_a_note_trigger_disabled_after_the_gate_gets_the_whole_table_verify(dbpa
 def _while_writing(dbpair, spec, stage):
     """Run `stage(spec, RUN)` while a pointer-following writer writes; (writer, still running), result, and
     how many rows the writer inserted meanwhile."""
-    w = PointerWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    w = pointer_writer(dbpair, spec).start()
     time.sleep(0.5)
-    before = len(w.inserted)
+    before = len(w.side_of)
     out = stage(spec, RUN)
-    return w, out, len(w.inserted) - before
+    return w, out, len(w.side_of) - before
 
 
 def test_the_gate_compares_at_a_snapshot_while_the_application_writes(dbpair, migrated):

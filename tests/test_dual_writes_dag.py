@@ -13,12 +13,12 @@ from dbguard.airflow import env as afenv
 from dbguard.spec import load_spec
 from test_dag import dagbag, reports  # noqa: F401  (fixture)
 from util import fingerprint
-from writer import BackgroundWriter
+from dbguard.writer import shop_writer
 
 
 def test_writer_during_the_whole_dag_loses_nothing(airflow_db, dbpair, reports):  # noqa: F811
     demo.load_shop(dbpair.source, customers=3000, orders=12000)
-    writer = BackgroundWriter(dbpair.src_dsn, seed=11, rate=250, honour_flag="demo_shop").start()
+    writer = shop_writer(dbpair.src_dsn, seed=11, rate=250, honour_flag="demo_shop").start()
     try:
         time.sleep(0.5)  # writes before capture_on are in the backfill's snapshot
         dag_run = dagbag().dags["dbguard_demo_shop"].test(run_conf={"batch_rows": 3000})
