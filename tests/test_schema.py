@@ -169,3 +169,46 @@ def test_a_parent_renamed_on_the_target_keeps_its_foreign_keys(dbpair):
     with dbpair.tgt() as c:
         assert c.execute("SELECT confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'orders'::regclass "
                          "AND contype = 'f'").fetchone()[0] == "crm.clients"
+
+
+def test_the_schema_dump_is_reused_only_while_the_source_catalogs_are_unchanged(dbpair, monkeypatch):
+    """Preflight reads the source's schema twice: one pg_dump for both. Any schema change in between (a column,
+    a comment, a grant, an index, a dropped trigger) is in the next plan: never a stale archive."""
+    from dbguard import db, schema_dump
+
+    with dbpair.src() as c:
+        run(c, "CREATE TABLE items (id int PRIMARY KEY, v text)", "CREATE ROLE dbg_dump_reader",
+            "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'",
+            "CREATE TRIGGER t BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION noop()")
+    s = spec([{"name": "items", "key": ["id"]}])
+    dumps = []
+    real = schema_dump._run
+    monkeypatch.setattr(schema_dump, "_run", lambda args, env=None: (
+        dumps.append(args[0]) if args[0].endswith("pg_dump") else None, real(args, env))[1])
+
+    def lines():
+        with db.source(s) as src:
+            p = schema_dump.plan(s, src, None)
+            p.close()
+            return {e.line.split(" ", 3)[-1] for e in p.entries}
+
+    try:
+        first = lines()
+        assert lines() == first and len(dumps) == 1  # nothing changed: the same archive
+        for ddl, shows in [("ALTER TABLE items ADD COLUMN w int", None),
+                           ("COMMENT ON TABLE items IS 'x'", "COMMENT public TABLE items"),
+                           ("GRANT SELECT ON items TO dbg_dump_reader", "ACL public TABLE items"),
+                           ("CREATE INDEX items_v ON items (v)", "INDEX public items_v"),
+                           ("DROP TRIGGER t ON items", None)]:
+            n = len(dumps)
+            with dbpair.src() as c:
+                run(c, ddl)
+            now = lines()
+            assert len(dumps) == n + 1, ddl  # a new dump after each change
+            if shows:
+                assert any(shows in x for x in now), (ddl, sorted(now))
+        assert not any("TRIGGER public items t" in x for x in now)
+        assert lines() == now and len(dumps) == n + 1
+    finally:
+        with dbpair.src() as c:
+            run(c, "DROP OWNED BY dbg_dump_reader", "DROP ROLE dbg_dump_reader")

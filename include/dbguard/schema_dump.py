@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from . import catalog, db
+from . import catalog, db, dump_cache
 from .errors import DbguardError
 from .spec import MigrationSpec
 
@@ -240,9 +240,15 @@ def plan(spec: MigrationSpec, src: psycopg.Connection, tgt: psycopg.Connection |
     # pg_dump locks every table it dumps (LOCK ... ACCESS SHARE needs SELECT): leave out the ones this role
     # cannot read; the spec's tables are not among them (preflight requires SELECT on those)
     unreadable = [r[0] for r in src.execute(_UNREADABLE)]
-    _run([tool("pg_dump"), "--schema-only", "-Fc", "--no-publications", "--no-subscriptions",
-          *[a for name in unreadable for a in ("-T", name)], "-f", str(archive), "-d", dsn], env)
-    entries = _parse(_run([tool("pg_restore"), "-l", "-v", str(archive)]))
+    args = ["--schema-only", "-Fc", "--no-publications", "--no-subscriptions",
+            *[a for name in unreadable for a in ("-T", name)]]
+
+    def make(path: Path) -> str:
+        _run([tool("pg_dump"), *args, "-f", str(path), "-d", dsn], env)
+        return _run([tool("pg_restore"), "-l", "-v", str(path)])
+
+    # the same archive again while the source's catalogs are unchanged (preflight reads them twice)
+    entries = _parse(dump_cache.dump(src, (dsn, tuple(args)), archive, make))
     by_id = {e.dump_id: e for e in entries}
     by_cat = {(e.classid, e.objid): e for e in entries if e.classid}
 
