@@ -2,7 +2,7 @@
 
 Nothing here judges a run by dbguard's own checksum: `compare()` reads every row of every migrated table
 from both sides (md5 of the row's text, in key order) and counts missing, extra, changed and doubled keys;
-`FaultWriter` is an application that follows the pointer and remembers the last committed state of every
+`fault_writer` (dbguard.writer) is an application that follows the pointer and remembers the last committed state of every
 row it wrote, so after a rollback the primary is checked against what the application really committed.
 """
 from __future__ import annotations
@@ -11,8 +11,6 @@ import contextlib
 import copy
 import json
 import os
-import random
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +22,7 @@ from psycopg import sql
 
 from dbguard import capture, embedded
 from dbguard.spec import MigrationSpec, parse_spec
+from dbguard.writer import Writer, orders_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "include" / "migrations" / "demo_shop.yaml"
@@ -175,135 +174,14 @@ def lost_duplicated(cmp: dict[str, Any], writer: dict[str, Any] | None = None) -
 
 # ---- the live writer ------------------------------------------------------------------------------------
 
-class FaultWriter:
-    """An application on shop.orders that follows the pointer: each operation reads
-    dbguard.control.write_target FOR SHARE on the source (the cutover's freeze holds that row), writes to that
-    side, commits both. Inserts, updates, deletes and key changes of its own rows, `rate` ops/s. It remembers
-    the last committed state of every row (id -> amount, None = deleted), which side took each write, its
-    longest stall and every error; a lost connection is reopened (the fault may be a server restart).
-
-    gate="dual_write": like an application on dbguard's switch, it writes only while the control row's
-    dual_write is true (and pauses, not stops, while it is false)."""
-
-    def __init__(self, src_dsn: str, tgt_dsn: str, migration: str, *, rate: float = 200, seed: int = 3,
-                 id_base: int = 800_000_000, gate: str = "pointer"):
-        self.dsns = {"source": src_dsn, "target": tgt_dsn}
-        self.migration, self.rate, self.gate = migration, rate, gate
-        self.rows: dict[int, int | None] = {}
-        self.sides = {"source": 0, "target": 0}
-        self.after_back: set[int] = set()  # rows written on the source after writes on the target (flip back)
-        self.errors: list[str] = []
-        self.max_stall_ms = 0.0
-        self.paused = 0
-        self.ops = 0
-        self.next_id, self.rng = id_base, random.Random(seed)
-        self._stop = threading.Event()
-        self._conns: dict[str, psycopg.Connection | None] = {"source": None, "target": None, "ptr": None}
-
-    def _conn(self, which: str) -> psycopg.Connection:
-        c = self._conns[which]
-        if c is None or c.closed or c.broken:
-            dsn = self.dsns["source" if which == "ptr" else which]
-            c = psycopg.connect(dsn, autocommit=which != "ptr", connect_timeout=5)
-            c.execute("SET synchronous_commit = off")
-            if which == "ptr":
-                c.commit()
-            self._conns[which] = c
-        return c
-
-    def start(self) -> "FaultWriter":
-        self.customer = self._conn("source").execute("SELECT min(id) FROM shop.customers").fetchone()[0]
-        self.t0 = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name="fault-writer", daemon=True)
-        self.thread.start()
-        return self
-
-    def _op(self, conn: psycopg.Connection) -> tuple[int, int | None, int | None]:
-        live = [k for k, v in self.rows.items() if v is not None]
-        kind = self.rng.choices(["insert", "update", "delete", "rekey"], [5, 4, 1, 1])[0] if live else "insert"
-        if kind == "insert":
-            self.next_id += 1
-            k, amount = self.next_id, self.rng.randint(1, 9999)
-            conn.execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) "
-                         "VALUES (%s, %s, now(), %s, 'placed')", (k, self.customer, amount))
-            return k, amount, None
-        k = self.rng.choice(live)
-        if kind == "update":
-            amount = self.rng.randint(1, 9999)
-            conn.execute("UPDATE shop.orders SET amount = %s WHERE id = %s", (amount, k))
-            return k, amount, None
-        if kind == "rekey":
-            self.next_id += 1
-            conn.execute("UPDATE shop.orders SET id = %s WHERE id = %s", (self.next_id, k))
-            return self.next_id, self.rows[k], k
-        conn.execute("DELETE FROM shop.orders WHERE id = %s", (k,))
-        return k, None, None
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            t = time.monotonic()
-            ptr = None
-            try:
-                ptr = self._conn("ptr")
-                row = ptr.execute("SELECT write_target, dual_write FROM dbguard.control WHERE migration = %s "
-                                  "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()
-                side, dual = (row[0], row[1]) if row else ("source", False)
-                if self.gate == "dual_write" and not dual:
-                    ptr.rollback()
-                    self.paused += 1
-                    time.sleep(0.02)
-                    continue
-                k, v, old = self._op(self._conn(side))
-                ptr.commit()
-                # committed: remember it
-                if old is not None:
-                    self.rows[old] = None
-                self.rows[k] = v
-                self.sides[side] += 1
-                if side == "source" and self.sides["target"]:
-                    self.after_back.add(k)
-                    if old is not None:
-                        self.after_back.add(old)
-                self.ops += 1
-            except psycopg.Error as e:
-                with contextlib.suppress(Exception):
-                    if ptr is not None and not ptr.closed:
-                        ptr.rollback()
-                self.errors.append((str(e).strip().splitlines() or [type(e).__name__])[0])
-                if len(self.errors) > 200:
-                    return
-                time.sleep(0.05)
-            self.max_stall_ms = max(self.max_stall_ms, (time.monotonic() - t) * 1000)
-            n += 1
-            ahead = n / self.rate - (time.monotonic() - self.t0)
-            if ahead > 0:
-                time.sleep(ahead)
-
-    def stop(self) -> dict[str, Any]:
-        if getattr(self, "_stats", None) is not None:
-            return self._stats
-        self._stop.set()
-        self.thread.join(30)
-        for c in self._conns.values():
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    c.close()
-        secs = time.monotonic() - self.t0
-        self._stats = {"ops": self.ops, "ops_per_s": round(self.ops / secs, 1) if secs else None,
-                "max_stall_ms": round(self.max_stall_ms, 1), "by_side": dict(self.sides), "errors": len(self.errors),
-                "first_errors": sorted(set(self.errors))[:3]}
-        return self._stats
-
-    def check(self, dsn: str) -> dict[str, int]:
-        """The writer's own record against one side: lost = committed rows absent or stale there,
-        resurrected = rows it deleted (or re-keyed away) that are there."""
-        with psycopg.connect(dsn) as c:
-            got = dict(c.execute("SELECT id, amount::int FROM shop.orders WHERE id = ANY(%s)",
-                                 (list(self.rows),)).fetchall())
-        lost = sum(1 for k, v in self.rows.items() if v is not None and got.get(k) != v)
-        resurrected = sum(1 for k, v in self.rows.items() if v is None and k in got)
-        return {"rows": len(self.rows), "lost": lost, "resurrected": resurrected}
+def fault_writer(src_dsn: str, tgt_dsn: str, migration: str, *, rate: float = 200, gate: str = "pointer") -> Writer:
+    """An application on shop.orders that follows the pointer (dbguard.writer): inserts, updates, deletes and
+    key changes of its own rows, `rate` ops/s; it remembers the last committed state of every row, which side
+    took each write, its longest stall and every error; a lost connection is reopened (the fault may be a
+    server restart). gate="dual_write": like an application on dbguard's switch, it writes only while the
+    control row's dual_write is true (and pauses, not stops, while it is false)."""
+    return orders_writer(src_dsn, tgt_dsn, migration, rate=rate, seed=3, switch="pause" if gate == "dual_write" else None,
+                         max_errors=200, error_pause=0.05)
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------

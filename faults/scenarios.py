@@ -27,22 +27,23 @@ from dbguard.cutover import pointer
 from dbguard.demo import load_shop
 from dbguard.ranges import KeyRange, predicate
 from dbguard.spec import MigrationSpec
+from dbguard.writer import Writer
 
 from .server import PrivateServer
-from .common import (ROOT, FaultWriter, compare, drain_to_zero, first_line, lost_duplicated, say, scratch,
-                     shop_spec, wait_for)
+from .common import (ROOT, compare, drain_to_zero, first_line, lost_duplicated, say, scratch,
+                     fault_writer, shop_spec, wait_for)
 
 
 @contextlib.contextmanager
 def shop_under_writer(tag: str, size: dict, spec: MigrationSpec, *, target_server: str | None = None,
-                      gate: str = "pointer") -> Iterator[tuple[dict, FaultWriter]]:
+                      gate: str = "pointer") -> Iterator[tuple[dict, Writer]]:
     """Scratch databases, the demo shop loaded on the source, the pointer row, a writer running."""
     with scratch(tag, target_server=target_server) as dsns:
         load_shop(dsns["source"], customers=size["customers"], orders=size["orders"])
         with db.source(spec) as src:
             pointer.prepare(src, spec)
             src.commit()
-        w = FaultWriter(dsns["source"], dsns["target"], spec.name, rate=size["rate"], gate=gate).start()
+        w = fault_writer(dsns["source"], dsns["target"], spec.name, rate=size["rate"], gate=gate).start()
         try:
             yield dsns, w
         finally:
@@ -60,7 +61,7 @@ def copy_all(spec: MigrationSpec, run: str, batch_rows: int | None = None, skip:
     return n
 
 
-def settle_and_compare(spec: MigrationSpec, run: str, dsns: dict, w: FaultWriter, *, primary: str = "source",
+def settle_and_compare(spec: MigrationSpec, run: str, dsns: dict, w: Writer, *, primary: str = "source",
                        direction: str = "forward") -> dict[str, Any]:
     """Stop the writer, drain to zero, compare both sides row for row and the writer's record on its primary
     (for a forward run the writer's rows must reach the target too: check it there)."""
@@ -345,7 +346,7 @@ def one_primary(spec: MigrationSpec, run: str, dsns: dict) -> dict[str, Any]:
             "other_side_fenced": w_other is False}
 
 
-def _writes_on(w: FaultWriter, side: str, seconds: float) -> int:
+def _writes_on(w: Writer, side: str, seconds: float) -> int:
     n0 = w.sides[side]
     time.sleep(seconds)
     return w.sides[side] - n0

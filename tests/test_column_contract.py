@@ -9,8 +9,6 @@ apply in either direction.
 """
 from __future__ import annotations
 
-import random
-import threading
 import time
 
 import psycopg
@@ -20,6 +18,7 @@ from psycopg import sql
 from dbguard import capture, cutover, flow, ledger, stages
 from dbguard import preflight as pf
 from dbguard.spec import parse_spec
+from dbguard.writer import Op, Workload, Writer
 
 RUN = "contract-run"
 ROWS = 300
@@ -77,86 +76,47 @@ def spec_for(fields: dict):
     }, "test")
 
 
-class Writer:
-    """An application that follows the pointer (dbguard.control.write_target FOR SHARE on the source) and
-    inserts, updates and deletes app.items rows on that side; writes only columns every case migrates.
-    `after_back` holds the keys written to the source after it had written to the target (the flip back):
-    those are on the source only, as they should be."""
+class ItemsWorkload(Workload):
+    """Inserts, updates and deletes app.items rows, only columns every case migrates; updates of keys < 151
+    name `partition` when given (a partition of the partitioned case)."""
 
-    def __init__(self, pair, rate: float = 150, partition: str | None = None):
-        self.pair, self.rate, self.partition = pair, rate, partition  # updates of keys < 151 name the partition
-        self.rng = random.Random(11)
-        self.live = list(range(1, ROWS + 1))
+    weights = {"insert": 4, "update": 5, "delete": 1}
+
+    def __init__(self, partition: str | None = None):
+        self.partition = partition
+        self.live = list(range(1, ROWS + 1))  # acknowledged and live
         self.next_id = 1_000_000
-        self.sides = {"source": 0, "target": 0}
-        self.after_back: set[int] = set()
-        self.errors: list[str] = []
-        self._stop, self._pause, self._idle = threading.Event(), threading.Event(), threading.Event()
 
-    def start(self) -> "Writer":
-        self.ptr = self.pair.src()
-        self.conns = {"source": self.pair.src(autocommit=True), "target": self.pair.tgt(autocommit=True)}
-        self.t0 = time.monotonic()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _one(self, conn) -> int:
-        kind = self.rng.choices(["insert", "update", "delete"], [4, 5, 1])[0]
+    def run(self, kind, conn, rng):
         if kind == "insert" or len(self.live) < 50:
             self.next_id += 1
             k = self.next_id
             conn.execute("INSERT INTO app.items (id, note, qty, price, created) VALUES (%s, %s, %s, %s, "
                          "'2026-03-04 05:06:07.123456+00')", (k, f"new {k}", k % 13, k % 100))
-            self.live.append(k)
-        elif kind == "update":
-            k = self.rng.choice(self.live)
+            return Op("insert", k, True)
+        if kind == "update":
+            k = rng.choice(self.live)
             rel = sql.Identifier("app", self.partition if self.partition and k < 151 else "items")
             conn.execute(sql.SQL("UPDATE {} SET note = %s, qty = qty + 1, price = price + 0.01 WHERE id = %s").format(
-                rel), (f"upd {self.rng.random():.6f}", k))
-        else:
-            k = self.live.pop(self.rng.randrange(len(self.live)))
-            conn.execute("DELETE FROM app.items WHERE id = %s", (k,))
-        return k
+                rel), (f"upd {rng.random():.6f}", k))
+            return Op("update", k, True)
+        k = self.live[rng.randrange(len(self.live))]
+        conn.execute("DELETE FROM app.items WHERE id = %s", (k,))
+        return Op("delete", k, None)
 
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            if self._pause.is_set():
-                self._idle.set()
-                time.sleep(0.01)
-                continue
-            self._idle.clear()
-            try:
-                side = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = 'contract' "
-                                        "AND direction = 'forward' FOR SHARE").fetchone()
-                side = side[0] if side else "source"
-                k = self._one(self.conns[side])
-                self.ptr.commit()
-                self.sides[side] += 1
-                if side == "source" and self.sides["target"]:
-                    self.after_back.add(k)
-            except psycopg.Error as e:
-                self.ptr.rollback()
-                self.errors.append(str(e).strip().splitlines()[0])
-            n += 1
-            ahead = n / self.rate - (time.monotonic() - self.t0)
-            if ahead > 0:
-                time.sleep(ahead)
+    def acknowledged(self, op):
+        if op.kind == "insert":
+            self.live.append(op.key)
+        elif op.kind == "delete":
+            self.live.remove(op.key)
 
-    def pause(self) -> None:
-        self._idle.clear()
-        self._pause.set()
-        assert self._idle.wait(10)
 
-    def resume(self) -> None:
-        self._pause.clear()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
-        for c in [self.ptr, *self.conns.values()]:
-            c.close()
+def items_writer(pair, partition: str | None = None) -> Writer:
+    """An application that follows the pointer (dbguard.control.write_target FOR SHARE on the source) and
+    writes app.items on that side at 150 ops/s. Its `after_back` holds the keys written to the source after it
+    had written to the target (the flip back): those are on the source only, as they should be."""
+    return Writer(ItemsWorkload(partition), pair.src_dsn, pair.tgt_dsn, migration="contract", follow=True, rate=150,
+                  seed=11)
 
 
 def migrated_columns(pair, excluded: list[str]) -> list[str]:
@@ -199,7 +159,7 @@ def test_column_shape_under_a_writer_through_cutover_and_rollback(dbpair, case, 
             c.execute(ddl)
     spec = spec_for(fields)  # as loaded: the stages resolve it, and so must everything else
     cols = migrated_columns(dbpair, fields.get("exclude_columns", []))
-    w = Writer(dbpair, partition="items_low" if case == "partitioned" else None)
+    w = items_writer(dbpair, partition="items_low" if case == "partitioned" else None)
     with dbpair.src() as src:  # the pointer the writer follows exists before capture starts
         from dbguard.cutover import pointer
         pointer.prepare(src, spec)

@@ -3,9 +3,6 @@ through a real DAG run with an application writing meanwhile; names are matched 
 quoted, so a table named `x"; DROP TABLE y; --` is just a table and y survives."""
 from __future__ import annotations
 
-import threading
-import time
-
 import psycopg
 import pytest
 import yaml
@@ -14,6 +11,7 @@ from dbguard import catalog, stages
 from dbguard.airflow import env as afenv
 from dbguard.airflow.dag_factory import group_id
 from dbguard.errors import PreflightError, SpecError
+from dbguard.writer import Op, Workload, Writer
 from test_dag import dagbag, reports  # noqa: F401  (fixture)
 from util import run, spec
 
@@ -48,36 +46,21 @@ def spec_raw(name="orm_names"):
             "tables": [{"name": n, "schema": "App Data", "key": ["Id" if n == "Orders" else "id"]} for n in TABLES]}
 
 
-class Writer(threading.Thread):
-    """An application: inserts orders and items, updates the injection-named table, until told to stop
-    or capture is switched off (it honours dbguard's dual_write flag like tests/writer.py)."""
+class OrmWorkload(Workload):
+    """Each operation inserts an order and an item and updates the injection-named table."""
 
-    def __init__(self, dsn: str, migration: str):
-        super().__init__(daemon=True)
-        self.dsn, self.migration, self.ops, self.error = dsn, migration, 0, None
-        self.halt = threading.Event()
+    weights = {"order": 1}
+    n = 0
 
-    def run(self):
+    def op_order(self, c, rng):
         q = psycopg.sql.Identifier
-        evil = psycopg.sql.SQL("{}.{}").format(q("App Data"), q(EVIL))
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as c:
-                while not self.halt.is_set():
-                    with c.transaction():
-                        if c.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
-                            row = c.execute("SELECT dual_write FROM dbguard.control WHERE migration = %s FOR SHARE",
-                                            (self.migration,)).fetchone()
-                            if row is not None and not row[0]:
-                                return
-                        oid = c.execute('INSERT INTO "App Data"."Orders" ("Total Amount") VALUES (%s) RETURNING "Id"',
-                                        (self.ops % 97,)).fetchone()[0]
-                        c.execute('INSERT INTO "App Data".order_items ("orderId", "qty;--") VALUES (%s, 3)', (oid,))
-                        c.execute(psycopg.sql.SQL("UPDATE {} SET {} = %s WHERE id = %s").format(evil, q("it's")),
-                                  (f"w{self.ops}", 1 + self.ops % 300))
-                    self.ops += 1
-                    time.sleep(0.02)
-        except Exception as e:  # noqa: BLE001  (reported by the test)
-            self.error = e
+        self.n += 1
+        oid = c.execute('INSERT INTO "App Data"."Orders" ("Total Amount") VALUES (%s) RETURNING "Id"',
+                        (self.n % 97,)).fetchone()[0]
+        c.execute('INSERT INTO "App Data".order_items ("orderId", "qty;--") VALUES (%s, 3)', (oid,))
+        c.execute(psycopg.sql.SQL("UPDATE {}.{} SET {} = %s WHERE id = %s").format(q("App Data"), q(EVIL), q("it's")),
+                  (f"w{self.n}", 1 + self.n % 300))
+        return Op("order")
 
 
 def rows(conn, schema, table, key):
@@ -95,15 +78,14 @@ def test_orm_identifiers_through_a_real_dag_run_with_a_live_writer(airflow_db, d
     monkeypatch.setenv("DBGUARD_SPECS", str(path))
     bag = dagbag()
     assert not {k: v for k, v in bag.import_errors.items() if "orm_names" in k}
-    writer = Writer(dbpair.src_dsn, "orm_names")
-    writer.start()
+    # an application on dbguard's switch: it stops once capture is switched off (release)
+    writer = Writer(OrmWorkload(), dbpair.src_dsn, migration="orm_names", switch="stop", rate=50).start()
     try:
         dag_run = bag.dags["dbguard_orm_names"].test()
     finally:
-        writer.halt.set()
-        writer.join(30)
+        writer.stop()
     result = afenv.run_result(dag_run)
-    assert writer.error is None, writer.error
+    assert writer.errors == [], writer.errors[:3]
     assert dag_run.state == "success", result
     assert result["checksum_ok"] is True and result["dual_write_fail"] == 0
     assert writer.ops > 0

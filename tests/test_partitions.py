@@ -5,7 +5,6 @@ a parent's statement triggers only for statements that name the parent, and even
 sessions unless ENABLE ALWAYS; these tests hold dbguard to both."""
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -15,10 +14,10 @@ from psycopg import sql
 
 from dbguard import capture, cutover, preflight, stages
 from dbguard.cutover import fence, watermark
+from dbguard.writer import Op, Workload, Writer
 
 from conftest import DbPair, _create_db, _drop_db
 from test_capture import assert_identical
-from test_capture_fidelity import pg15_server  # noqa: F401  (fixture)
 from util import fingerprint, run, spec
 
 RUN = "part-run"
@@ -314,10 +313,9 @@ def test_schema_freeze_holds_for_partitions_replica_sessions_and_any_role(pair, 
         assert c.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'dbguard%'").fetchone()[0] == 0
 
 
-class PartitionWriter:
-    """An application that follows the control_table pointer and writes the partitioned table the ways real
-    ones do: straight into a partition (insert, update, delete), through the parent, and moving rows between
-    partitions (an UPDATE of the partition key). Each transaction reads dbguard.control FOR SHARE first."""
+class PartitionWorkload(Workload):
+    """Writes the partitioned table the ways real applications do: straight into a partition (insert, update,
+    delete), through the parent, and moving rows between partitions (an UPDATE of the partition key)."""
 
     STATEMENTS = [
         "INSERT INTO events_2024 VALUES (%(id)s, date '2024-01-01' + %(id)s %% 300, 'w' || %(id)s)",
@@ -327,42 +325,15 @@ class PartitionWriter:
         "DELETE FROM events_other WHERE id = (SELECT id FROM events_other ORDER BY random() LIMIT 1)",
         "UPDATE events_2025_all SET v = upper(v) WHERE id = (SELECT id FROM events_2025_all ORDER BY random() LIMIT 1)",
     ]
+    n = 0
 
-    def __init__(self, pair, migration):
-        self.pair, self.migration = pair, migration
-        self.sides: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
+    def pick(self, rng):
+        self.n += 1
+        return str(self.n % len(self.STATEMENTS))
 
-    def start(self):
-        self.conns = {"source": psycopg.connect(self.pair.src_dsn, autocommit=True),
-                      "target": psycopg.connect(self.pair.tgt_dsn, autocommit=True)}
-        self.ptr = psycopg.connect(self.pair.src_dsn)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            try:
-                side = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = %s "
-                                        "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()[0]
-                self.conns[side].execute(self.STATEMENTS[n % len(self.STATEMENTS)], {"id": 200_000 + n})
-                self.ptr.commit()
-                self.sides.append(side)
-            except psycopg.Error as e:
-                self.ptr.rollback()
-                self.errors.append(str(e).splitlines()[0])
-            time.sleep(0.004)
-
-    def stop(self):
-        self._stop.set()
-        self.thread.join(30)
-        for c in [*self.conns.values(), self.ptr]:
-            c.close()
-        return self
+    def run(self, kind, conn, rng):
+        conn.execute(self.STATEMENTS[int(kind)], {"id": 200_000 + self.n})
+        return Op(kind)
 
 
 def test_a_partitioned_table_through_cutover_and_rollback_under_a_writer(pair):
@@ -371,7 +342,7 @@ def test_a_partitioned_table_through_cutover_and_rollback_under_a_writer(pair):
     s = part_spec()
     stages.preflight(s, RUN)
     stages.capture_on(s, RUN)
-    w = PartitionWriter(pair, s.name).start()
+    w = Writer(PartitionWorkload(), pair.src_dsn, pair.tgt_dsn, migration=s.name, follow=True, rate=200).start()
     try:
         for r in stages.plan_ranges(s, RUN, "events"):
             stages.copy_range(s, RUN, r)
