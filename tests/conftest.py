@@ -5,10 +5,18 @@ pgvector) under .pg/; set DBGUARD_TEST_SOURCE_DSN and DBGUARD_TEST_TARGET_DSN
 to run against any real servers instead (the role needs CREATEDB).
 Each test that asks for `dbpair` gets two fresh, empty databases, one on each
 server, published as the conn ids dbguard_source / dbguard_target.
+
+Under pytest-xdist (`make test` runs `-n 2`) the workers share the two servers
+(databases are uniquely named) and each worker has its own Airflow home, a
+copy of the migrated metadata DB (SQLite takes one writer at a time).
 """
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +77,68 @@ def dbpair(servers, monkeypatch) -> DbPair:
     _drop_db(servers["target"], name)
 
 
+# ---- a third server, PostgreSQL 15 (a source of another major version) -------------------------------
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def pg15_server():
+    """A PostgreSQL 15 server from the machine's binaries on a free localhost port, stopped at the end of the
+    session (one per xdist worker).
+    (Run as the `postgres` user when the tests run as root: initdb refuses root.)"""
+    if not (PG15_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 binaries not found in {PG15_BIN}; install postgresql-15 (the machine has them)")
+    base = Path(tempfile.mkdtemp(prefix="dbguard-capture-pg15-"))
+    os.chmod(base, 0o755)
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run_as:
+        shutil.chown(base, "postgres")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = base / "data"
+    subprocess.run(run_as + [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                             "-E", "UTF8", "--locale", "C"], check=True, capture_output=True)
+    subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                             f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ---- Airflow (added for test_dag / test_cli) -------------------------------------------
 # Airflow reads AIRFLOW_HOME & co. at its first import, so they are set here, before any test
 # module imports it: the Makefile's values when present, else a throwaway home for this session.
-import tempfile  # noqa: E402
-
 from dbguard.airflow import env as airflow_env  # noqa: E402
 
 # (only a path here: the directory appears when a test asks for `airflow_db`)
 _AIRFLOW_TMP_HOME = None if os.environ.get("AIRFLOW_HOME") else os.path.join(
     tempfile.gettempdir(), f"dbguard-airflow-{os.getpid()}")
+
+
+def _worker_airflow_home(worker: str) -> None:
+    """An xdist worker's own AIRFLOW_HOME under the given one, its metadata DB a fresh copy of the migrated
+    one there (sqlite's backup: consistent, seconds faster than `airflow db migrate`). Only the DB is copied:
+    Airflow writes the worker's own airflow.cfg, pointing at the worker's DB."""
+    import sqlite3
+
+    parent = Path(os.environ["AIRFLOW_HOME"])
+    home = parent / "xdist" / worker
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".migrated").unlink(missing_ok=True)
+    if (parent / ".migrated").exists() and (parent / "airflow.db").exists():
+        with sqlite3.connect(parent / "airflow.db") as src, sqlite3.connect(home / "airflow.db") as dst:
+            src.backup(dst)
+        (home / ".migrated").touch()
+    os.environ["AIRFLOW_HOME"] = str(home)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER") and not _AIRFLOW_TMP_HOME:
+    _worker_airflow_home(os.environ["PYTEST_XDIST_WORKER"])
 airflow_env.airflow_defaults(Path(_AIRFLOW_TMP_HOME) if _AIRFLOW_TMP_HOME else None)
 
 

@@ -13,7 +13,6 @@ from dbguard import cutover, ledger, stages, target_schema
 from dbguard.round_trip import migrate
 from dbguard.errors import PreflightError
 from conftest import DbPair, _create_db, _drop_db
-from test_capture_fidelity import pg15_server  # noqa: F401  (fixture)
 from util import run, spec
 
 RUN = "app-schema"
@@ -68,7 +67,7 @@ def test_triggers_rls_policies_and_views_on_the_new_primary_and_back(dbpair):
     _app_round_trip(dbpair)
 
 
-def test_the_same_from_a_postgresql_15_source(pg15_server, servers, monkeypatch):  # noqa: F811
+def test_the_same_from_a_postgresql_15_source(pg15_server, servers, monkeypatch):
     """The issue's setting: a PostgreSQL 15 source (the machine's binaries), the embedded 18 target."""
     name = "app15_" + uuid.uuid4().hex[:8]
     src, tgt = _create_db(pg15_server, name), _create_db(servers["target"], name)

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,9 +20,9 @@ from psycopg import sql
 
 from dbguard import capture, db
 from dbguard.spec import load_spec
+from dbguard.writer import Op, Workload, Writer
 
 from conftest import ROOT, _create_db, _drop_db
-from test_capture_fidelity import pg15_server  # noqa: F401  (fixture)
 
 DBGUARD = ROOT / ".venv" / "bin" / "dbguard"
 
@@ -117,87 +116,60 @@ def load(dsn: str, users: int = 1500, items: int = 4000) -> None:
                            rng.choice([None, "", "🚀 Zoë", "tab\there"])))
 
 
-class AwkwardWriter:
-    """An application: every operation reads dbguard.control.write_target FOR SHARE on the source (the
-    README's pattern) and writes there, in a session with hostile output settings: inserts and updates of
-    awkward values, deletes (cascading to items), item key changes. Remembers which of its rows live."""
+class AwkwardWorkload(Workload):
+    """In a session with hostile output settings: inserts and updates of awkward values, deletes (cascading to
+    items), item inserts (the new primary's sequence hands out the key) and item key changes. Users are
+    remembered by email (Writer.rows: email -> True while live, None once deleted)."""
 
-    def __init__(self, migration: str, src_dsn: str, tgt_dsn: str, rate: float = 60):
-        self.migration, self.rate, self.rng = migration, rate, random.Random(7)
-        self.dsns = {"source": src_dsn, "target": tgt_dsn}
-        self.users: dict[str, bool | None] = {}  # email -> True (live) or None (deleted), as last committed
+    session_sql = HOSTILE
+    weights = {"insert": 4, "update": 4, "delete": 1, "item": 3, "rekey": 1}
+
+    def __init__(self):
+        self.users: dict[str, bool] = {}  # acknowledged and live
         self.item_keys: list[int] = []
-        self.ops, self.errors, self.sides = 0, [], {"source": 0, "target": 0}
-        self._stop = threading.Event()
+        self.n = 0
 
-    def start(self) -> "AwkwardWriter":
-        self.ptr = psycopg.connect(self.dsns["source"])
-        self.conns = {k: psycopg.connect(v, autocommit=True) for k, v in self.dsns.items()}
-        for c in self.conns.values():
-            c.execute(HOSTILE)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.t0 = time.monotonic()
-        self.thread.start()
-        return self
-
-    def _side(self) -> str:
-        if self.ptr.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is None:
-            return "source"
-        row = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = %s "
-                               "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()
-        return row[0] if row else "source"
-
-    def _one(self, c: psycopg.Connection) -> None:
-        live = [e for e, v in self.users.items() if v is not None]
-        kind = self.rng.choices(["insert", "update", "delete", "item", "rekey"], [4, 4, 1, 3, 1])[0]
+    def run(self, kind, c, rng):
+        live = list(self.users)
+        self.n += 1
         if kind == "insert" or not live:
-            email = f"w{self.ops}-{uuid.uuid4().hex[:6]}@example.com"
+            email = f"w{self.n}-{uuid.uuid4().hex[:6]}@example.com"
             c.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                USERS, _cols(USER_COLS), _user_values(self.rng, email)))
-        elif kind == "update":
-            email, col = self.rng.choice(live), self.rng.choice(USER_COLS[1:])
+                USERS, _cols(USER_COLS), _user_values(rng, email)))
+            return Op("insert", email, True)
+        if kind == "update":
+            email, col = rng.choice(live), rng.choice(USER_COLS[1:])
             c.execute(sql.SQL("UPDATE {} SET {} = {} WHERE \"emailAddress\" = %s").format(
-                USERS, sql.Identifier(col), sql.SQL(self.rng.choice(AWKWARD[col]))), (email,))
-        elif kind == "delete":
-            email = self.rng.choice(live)
+                USERS, sql.Identifier(col), sql.SQL(rng.choice(AWKWARD[col]))), (email,))
+            return Op("update", email, True)
+        if kind == "delete":
+            email = rng.choice(live)
             c.execute(sql.SQL("DELETE FROM {} WHERE \"emailAddress\" = %s").format(USERS), (email,))
-            self.users[email] = None
-            return
-        elif kind == "item":  # no key given: the new primary's sequence must hand out a free one
+            return Op("delete", email, None)
+        if kind == "item":  # no key given: the new primary's sequence must hand out a free one
             uid = c.execute(sql.SQL("SELECT \"userId\" FROM {} ORDER BY random() LIMIT 1").format(USERS)).fetchone()[0]
             k = c.execute(sql.SQL("INSERT INTO {} (\"userId\", qty, price, note) VALUES (%s, 3, '1.10', '-0') "
                                   "RETURNING id").format(ITEMS), (uid,)).fetchone()[0]
             self.item_keys.append(k)
-            return
-        else:
-            if self.item_keys:
-                k = self.item_keys.pop(0)
-                c.execute(sql.SQL("UPDATE {} SET id = -id WHERE id = %s").format(ITEMS), (k,))
-            return
-        self.users[email] = True
+            return Op("item")
+        if self.item_keys:
+            k = self.item_keys.pop(0)
+            c.execute(sql.SQL("UPDATE {} SET id = -id WHERE id = %s").format(ITEMS), (k,))
+        return Op("rekey")
 
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set() and len(self.errors) < 20:
-            try:
-                side = self._side()
-                self._one(self.conns[side])
-                self.ptr.commit()
-                self.sides[side] += 1
-                self.ops += 1
-            except psycopg.Error as e:
-                self.ptr.rollback()
-                self.errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
-            n += 1
-            ahead = n / self.rate - (time.monotonic() - self.t0)
-            if ahead > 0:
-                time.sleep(ahead)
+    def acknowledged(self, op):
+        if op.key is not None:
+            if op.value:
+                self.users[op.key] = True
+            else:
+                self.users.pop(op.key, None)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
-        for c in [self.ptr, *self.conns.values()]:
-            c.close()
+
+def awkward_writer(migration: str, src_dsn: str, tgt_dsn: str) -> Writer:
+    """An application: every operation reads dbguard.control.write_target FOR SHARE on the source (the
+    README's pattern) and writes there, the AwkwardWorkload at 60 ops/s."""
+    return Writer(AwkwardWorkload(), src_dsn, tgt_dsn, migration=migration, follow=True, rate=60, seed=7,
+                  max_errors=19)
 
 
 def texts(dsn: str) -> dict[str, list[tuple]]:
@@ -210,7 +182,7 @@ def texts(dsn: str) -> dict[str, list[tuple]]:
 
 
 def test_awkward_pg15_schema_under_a_live_writer_migrates_every_value_and_cuts_over(
-        pg15_server, servers, monkeypatch, tmp_path):  # noqa: F811
+        pg15_server, servers, monkeypatch, tmp_path):
     name = "awk15_" + uuid.uuid4().hex[:8]
     src, tgt = _create_db(pg15_server, name), _create_db(servers["target"], name)
     env = {**os.environ, "AIRFLOW_CONN_DBGUARD_SOURCE": src, "AIRFLOW_CONN_DBGUARD_TARGET": tgt,
@@ -229,7 +201,7 @@ def test_awkward_pg15_schema_under_a_live_writer_migrates_every_value_and_cuts_o
         raw["backfill"].update(batch_rows=500, concurrency=2)
         path = tmp_path / "awk15.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        writer = AwkwardWriter("awk15", src, tgt).start()
+        writer = awkward_writer("awk15", src, tgt).start()
         time.sleep(1)
         proc = subprocess.run([str(DBGUARD), "run", str(path)], capture_output=True, text=True, env=env, timeout=600)
         time.sleep(1.5)  # the writer goes on against the new primary
@@ -247,11 +219,11 @@ def test_awkward_pg15_schema_under_a_live_writer_migrates_every_value_and_cuts_o
             assert not diff, f"{table}: {len(diff)} rows differ, e.g. {diff[:4]}"
         with psycopg.connect(tgt) as c:  # every row the writer left alive is on the new primary, no deleted one
             on_target = {r[0] for r in c.execute(sql.SQL("SELECT \"emailAddress\" FROM {}").format(USERS))}
-        assert {e for e, v in writer.users.items() if v} <= on_target
-        assert not {e for e, v in writer.users.items() if v is None} & on_target
+        assert {e for e, v in writer.rows.items() if v} <= on_target
+        assert not {e for e, v in writer.rows.items() if v is None} & on_target
         assert len(b["Users"]) >= 1500 and len(b["OrderItems"]) > 3000
     finally:
-        if writer is not None and not writer._stop.is_set():
+        if writer is not None:
             writer.stop()
         _drop_db(pg15_server, name)
         _drop_db(servers["target"], name)
@@ -264,7 +236,7 @@ def _run_id(spec) -> str:
 
 
 def test_a_type_from_an_extension_the_target_lacks_is_refused_before_anything_is_written(
-        pg15_server, servers, tmp_path):  # noqa: F811
+        pg15_server, servers, tmp_path):
     """citext and hstore exist on the PostgreSQL 15 source, not on the embedded target: `dbguard plan` names
     each column, its extension and the fixes, with exit 2; the target stays empty. A target_type fixes it."""
     name = "ext15_" + uuid.uuid4().hex[:8]

@@ -4,14 +4,8 @@ the source's (independent of dbguard's checksum). The writing session uses hosti
 the trigger functions must pin. A few types also go through reverse capture (target -> source)."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -273,37 +267,6 @@ def test_money_inside_an_array_is_refused_when_lc_monetary_differs(dbpair):
     with pytest.raises(capture.CaptureError, match=r"\['m.list'\] hold money inside an array"):
         capture.capture_on(spec, RUN)
     assert not capture.is_on(spec)
-
-
-PG15_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-@pytest.fixture(scope="module")
-def pg15_server():
-    """A PostgreSQL 15 server from the machine's binaries on a free localhost port, stopped afterwards.
-    (Run as the `postgres` user when the tests run as root: initdb refuses root.)"""
-    if not (PG15_BIN / "initdb").exists():
-        pytest.fail(f"PostgreSQL 15 binaries not found in {PG15_BIN}; install postgresql-15 (the machine has them)")
-    base = Path(tempfile.mkdtemp(prefix="dbguard-capture-pg15-"))
-    os.chmod(base, 0o755)
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if run_as:
-        shutil.chown(base, "postgres")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    data = base / "data"
-    subprocess.run(run_as + [str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                             "-E", "UTF8", "--locale", "C"], check=True, capture_output=True)
-    subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-                             f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(run_as + [str(PG15_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_every_value_round_trips_from_a_postgresql_15_source(pg15_server, servers, monkeypatch):

@@ -18,7 +18,7 @@ from dbguard.checksum import Hashing
 from dbguard.ranges import KeyRange
 
 from conftest import _create_db, _drop_db
-from test_capture_fidelity import assert_same, build_spec, create, pg15_server, table_name, values_for  # noqa: F401
+from test_capture_fidelity import assert_same, build_spec, create, table_name, values_for
 from util import spec as make_spec
 
 
