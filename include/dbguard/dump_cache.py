@@ -20,7 +20,8 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-# the catalogs whose rows pg_dump --schema-only turns into SQL (those the server has)
+# the catalogs whose rows pg_dump --schema-only turns into SQL (those the server has and the role may read:
+# pg_user_mapping is superuser-only, its options hold passwords)
 _CATALOGS = ["pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index", "pg_inherits", "pg_trigger",
              "pg_rewrite", "pg_proc", "pg_type", "pg_enum", "pg_range", "pg_namespace", "pg_depend",
              "pg_description", "pg_policy", "pg_sequence", "pg_extension", "pg_event_trigger", "pg_default_acl",
@@ -39,7 +40,8 @@ _lock = threading.Lock()
 def fingerprint(src: psycopg.Connection) -> str:
     """Count and sum of xmin of every schema catalog's rows, and the roles by name (owners and grantees)."""
     have = [r[0] for r in src.execute("SELECT relname::text FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace "
-                                      "AND relkind = 'r' AND relname = ANY(%s) ORDER BY relname", (_CATALOGS,))]
+                                      "AND relkind = 'r' AND relname = ANY(%s) AND has_table_privilege(oid, 'SELECT') "
+                                      "ORDER BY relname", (_CATALOGS,))]
     parts = [sql.SQL("SELECT {n} || ':' || count(*) || ':' || coalesce(sum(xmin::text::bigint), 0) FROM {t}").format(
         n=sql.Literal(c), t=sql.Identifier("pg_catalog", c)) for c in have]
     parts.append(sql.SQL("SELECT 'roles:' || md5(string_agg(oid::text || '=' || rolname, ',' ORDER BY oid)) "
