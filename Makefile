@@ -67,8 +67,15 @@ $(AIRFLOW_STAMP): $(VENV_STAMP)
 demo: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
 	$(BIN)/dbguard demo
 
+# Two pytest-xdist workers (this machine's two cores; most of a test's time is PostgreSQL's, so two run side
+# by side). A file's tests stay on one worker, in order (--dist loadfile): some share a role or a fixture.
+# Both workers use the same two embedded servers (every test has its own databases) and each its own Airflow
+# home (tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: $(VENV_STAMP) $(AIRFLOW_STAMP) sysdeps
-	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning
+	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(PYTEST_PARALLEL)
 
 # The fast tier: every test except what CHECK_SLOW names (a module is ignored, a test id deselected):
 # the browser and Celery stacks, fault scenarios (kills, interrupted steps), full DAG runs (dag.test(),
@@ -115,7 +122,7 @@ CHECK_SLOW := \
 CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(t),--ignore=$(t))) -k 'not pg15 and not postgresql_15'
 
 check: $(VENV_STAMP) $(AIRFLOW_STAMP)
-	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(CHECK_ARGS)
+	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(PYTEST_PARALLEL) $(CHECK_ARGS)
 
 bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m bench

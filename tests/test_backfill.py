@@ -108,6 +108,7 @@ def test_range_killed_mid_stream_and_retried_has_no_duplicates(dbpair):
             for _ in range(200):
                 pids = [p for (p,) in k.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = 'dbguard' "
+                    "AND datname = current_database() "  # not another test's COPY (pytest -n 2)
                     "AND query LIKE 'COPY%%FROM STDIN%%' AND pid <> pg_backend_pid()")]
                 if pids:
                     k.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
