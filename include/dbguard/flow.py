@@ -75,6 +75,17 @@ def soak_measure(spec: MigrationSpec, run_id: str) -> tuple[bool | None, str]:
             return False, f"dual_write_fail = {d['dual_write_fail']}: a captured change could not be applied"
         green &= d["lag"] <= spec.gates.max_lag_ops
         parts.append(f"lag {d['lag']} op(s) (max {spec.gates.max_lag_ops})")
+        if spec.has_stores:  # Qdrant collections: the writes since the last pass, not only at release
+            q = retrieval.sync_collections(spec, run_id)
+            if q["dual_write_fail"]:
+                return False, (f"dual_write_fail = {q['dual_write_fail']}: a Qdrant collection refused a write: "
+                               + "; ".join(f"{s}: {r['refused'][:3]}" for s, r in q["stores"].items() if r["refused"]))
+            if q["unavailable"]:  # the window stays; red until a pass gets through
+                green = False
+                parts.append("collection unreachable: " + "; ".join(q["unavailable"]))
+            if q["stores"]:
+                parts.append("collections " + ", ".join(f"{s} +{r['upserted']} -{r['deleted']}"
+                                                        for s, r in q["stores"].items()))
     with db.target(spec) as tgt:
         m = ledger.metrics(tgt, run_id)
     if m.get("checksum_ok") is not True:

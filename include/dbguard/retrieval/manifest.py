@@ -67,32 +67,15 @@ def preflight(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     return {"manifest": pins}
 
 
-QDRANT_SNAPSHOT = "qdrant_snapshot"
+QDRANT_SNAPSHOT = qdrant_sync.SNAPSHOT["forward"]
 
 
 def sync_collections(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
-    """Dual writes into the Qdrant collections built in this run: apply the change-ledger window since
-    the last pass (the copy's snapshot at first; `qdrant_sync.apply_window`) and keep the new start in
-    the ledger. Its own source connection: safe inside a write freeze held by another session.
-    Returns per store what was applied, and `dual_write_fail` (writes Qdrant refused; retried next pass)."""
-    with db.target(spec) as tgt:
-        ledger.ensure(tgt)
-        snaps = dict(ledger.metrics(tgt, run_id).get(QDRANT_SNAPSHOT) or {})
-    out: dict[str, Any] = {"dual_write_fail": 0, "stores": {}}
-    with db.source(spec) as src:
-        for t, v in vector_store.stores(spec):
-            label = vector_store.label(t, v)
-            if v.qdrant is None or label not in snaps:
-                continue
-            r = qdrant_sync.apply_window(spec, t, v, src, qdrant.client(v.qdrant.conn_id), v.qdrant.collection,
-                                         snaps[label])
-            snaps[label] = r["snapshot"]
-            out["stores"][label] = r
-            out["dual_write_fail"] += r["dual_write_fail"]
-    if out["stores"]:
-        with db.target(spec) as tgt:
-            ledger.set_metric(tgt, run_id, spec.name, QDRANT_SNAPSHOT, snaps)
-    return out
+    """Dual writes into the Qdrant collections built in this run: one forward pass of
+    `qdrant_sync.sync` (the change-ledger window since the last pass; the copy's snapshot at first).
+    Safe inside a write freeze held by another session. Returns per store what was applied, and
+    `dual_write_fail` (writes Qdrant refused in this pass, recorded in dbguard.apply_failures)."""
+    return qdrant_sync.sync(spec, run_id, "forward")
 
 
 def target_store(spec: MigrationSpec) -> str:
