@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import psycopg
 
 from dbguard import capture, catalog, flow, ledger
 from dbguard.stores import qdrant, qdrant_copy
@@ -150,3 +151,145 @@ def test_a_write_the_collection_refuses_is_counted_in_dual_write_fail(dbpair, qd
     assert c.retrieve(COLL, [900, 7]) == [] and len(c.retrieve(COLL, [901])) == 1
     assert retrieval.sync_collections(spec, RUN)["dual_write_fail"] == 0  # the window moved on
     assert capture.dual_write_fail(spec, RUN)[0] == 1
+
+
+# ---- the reader pointer through a DAG run, its tail and the rollback DAG -------------------------
+
+class DocsWriter:
+    """An application on docs.documents that follows the write pointer (dbguard.control.write_target FOR
+    SHARE on the source) and inserts, updates and deletes rows with their vectors. Remembers what it did
+    and on which side."""
+
+    def __init__(self, src_dsn: str, tgt_dsn: str, migration: str, rate: float = 25):
+        self.dsns = {"source": src_dsn, "target": tgt_dsn}
+        self.migration, self.rate = migration, rate
+        self.inserted: dict[int, str] = {}
+        self.deleted: dict[int, str] = {}
+        self.updated: dict[int, str] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+
+    def start(self) -> "DocsWriter":
+        self.conns = {k: psycopg.connect(v, autocommit=True) for k, v in self.dsns.items()}
+        self.ptr = psycopg.connect(self.dsns["source"])
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        rng, i = np.random.default_rng(9), 0
+        own: list[int] = []
+        while not self._stop.is_set():
+            i += 1
+            try:
+                row = self.ptr.execute("SELECT write_target FROM dbguard.control WHERE migration = %s "
+                                       "AND direction = 'forward' FOR SHARE", (self.migration,)).fetchone()
+                side = row[0] if row else "source"  # no row yet: the run has not started, the source it is
+                c = self.conns[side]
+                if i % 4 == 0 and own:
+                    k = own.pop(0)
+                    c.execute("DELETE FROM docs.documents WHERE id = %s", (k,))
+                    self.deleted[k] = side
+                elif i % 4 == 1:
+                    k = 100 + int(rng.integers(1900))  # not 42, the query below
+                    c.execute("UPDATE docs.documents SET title = title || '*', embedding = %s WHERE id = %s",
+                              (_unit(rng), k))
+                    self.updated[k] = side
+                else:
+                    k = 50_000_000 + i
+                    c.execute("INSERT INTO docs.documents (id, title, body, embedding) VALUES (%s, 'w', 'w', %s)",
+                              (k, _unit(rng)))
+                    self.inserted[k] = side
+                    own.append(k)
+                self.ptr.commit()
+            except psycopg.Error as e:  # e.g. dbguard.control does not exist yet, or the fence
+                self.ptr.rollback()
+                self.errors.append(str(e).splitlines()[0])
+            time.sleep(1 / self.rate)
+
+    def stop(self) -> "DocsWriter":
+        self._stop.set()
+        self.thread.join(30)
+        for c in [*self.conns.values(), self.ptr]:
+            c.close()
+        return self
+
+
+def _docs_cut_spec(tmp_path, monkeypatch):
+    import yaml
+
+    from dbguard.airflow import env as afenv
+
+    raw = yaml.safe_load((afenv.SPECS_FOLDER / "demo_docs_qdrant.yaml").read_text())
+    raw.update(name="docs_qcut", run_cutover=True, soak_minutes=0.05, rollback_ttl_minutes=0.12)
+    raw.pop("window", None)  # the flip may happen any time (the demo's window closes at 23:59)
+    raw["retrieval"].update(latency_floor_ms=10_000.0)
+    path = tmp_path / "docs_qcut.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    monkeypatch.setenv("DBGUARD_REPORT_DIR", str(tmp_path / "reports"))
+    return path
+
+
+def _keys(dsn: str) -> set[int]:
+    with psycopg.connect(dsn) as c:
+        return {r[0] for r in c.execute("SELECT id FROM docs.documents")}
+
+
+def test_readers_move_to_qdrant_at_cutover_and_back_at_rollback_losing_no_write(
+        airflow_db, dbpair, qd, tmp_path, monkeypatch):
+    """docs_qdrant with run_cutover under a writer that follows the write pointer: after the DAG run readers
+    search Qdrant (the pointer says so and the reference reader gets its hits there); the tail carried the
+    writes the application made on the new primary into the collection; after the rollback DAG readers
+    search pgvector on the source again, and every write made after the cutover is on both sides."""
+    from dbguard import corpus, cutover
+    from dbguard.airflow import env as afenv
+    from dbguard.cutover import readers
+    from dbguard.spec import load_spec
+    from test_dag import dagbag
+
+    path = _docs_cut_spec(tmp_path, monkeypatch)
+    corpus.load_docs("dbguard_source", norm_spread=0.9)
+    spec = load_spec(path)
+    label = "docs.documents.embedding"
+    with dbpair.src() as c:
+        query = np.array(c.execute("SELECT embedding::real[] FROM docs.documents WHERE id = 42").fetchone()[0])
+    assert readers.current(spec) == {label: "pgvector"}
+    w = DocsWriter(dbpair.src_dsn, dbpair.tgt_dsn, spec.name).start()
+    try:
+        bag = dagbag()
+        dag_run = bag.dags["dbguard_docs_qcut"].test()
+        result = afenv.run_result(dag_run)
+        assert result["status"] == "cutover", result
+        assert readers.current(spec) == {label: "qdrant"}
+        hit = readers.search(spec, label, query, 5)
+        assert hit["store"] == "qdrant" and "42" in hit["ids"], hit  # (docstrings repeat: ties)
+        after_cut = {k for k, s in w.inserted.items() if s == "target"}
+        assert after_cut, "the writer made no write on the target while the tail ran"
+        time.sleep(1.5)  # writes after the tail ended: carried by the rollback's last window
+    finally:
+        w.stop()
+    assert not [e for e in w.errors if "fenced" not in e and 'relation "dbguard.control" does not exist' not in e], \
+        w.errors[:5]
+    with dbpair.tgt() as c:
+        tail = [e for (e,) in c.execute("SELECT detail FROM dbguard.events WHERE run_id = %s AND stage = "
+                                        "'tail.collections'", (dag_run.run_id,))]
+    assert tail and tail[0]["passes"] >= 2 and tail[0]["applied"] > 0, tail
+    rb = bag.dags["dbguard_docs_qcut_rollback"].test(run_conf={"run_id": dag_run.run_id})
+    assert rb.state == "success"
+    assert cutover.state(spec, dag_run.run_id)["phase"] == "rolled_back"
+    assert readers.current(spec) == {label: "pgvector"}
+    hit = readers.search(spec, label, query, 5)
+    assert (hit["store"], hit["side"]) == ("pgvector", "source") and "42" in hit["ids"], hit
+    on_target = {k for k, s in w.inserted.items() if s == "target"}
+    deleted_on_target = {k for k, s in w.deleted.items() if s == "target"}
+    src_keys, c = _keys(dbpair.src_dsn), qd()
+    points = {int(p.id) for p in qdrant.read_range(c, "docs_v1", spec.tables[0].vector[0], None, None,
+                                                      vectors=False)}
+    assert on_target and on_target - deleted_on_target <= src_keys and on_target - deleted_on_target <= points
+    assert not deleted_on_target & src_keys and not deleted_on_target & points
+    with dbpair.src() as src:  # the collection equals the source, point for point: nothing to repair
+        rc = qdrant_copy.reconcile(catalog.resolve(spec), spec.tables[0], spec.tables[0].vector[0], src, c,
+                                   "docs_v1", [[None, None]])
+    assert (rc["missing"], rc["extra"], rc["differing"], rc["repaired"]) == (0, 0, 0, 0), rc
+    assert rc["points"] == len(src_keys)

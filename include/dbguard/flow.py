@@ -14,6 +14,7 @@ a run that did not cut over at all. After a clean flip neither runs: the dual-wr
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from . import db, ledger
@@ -182,13 +183,21 @@ def drill(conf: dict | None, where: str) -> str | None:
 
 def tail(spec: MigrationSpec, run_id: str) -> dict[str, Any]:
     """After the flip: the target is the primary and reverse capture keeps the source current until
-    `finish` (dbguard_<name>_finish, after rollback_ttl_minutes). Records when rollback stops being offered."""
+    `finish` (dbguard_<name>_finish, after rollback_ttl_minutes). Records when rollback stops being offered.
+    With Qdrant stores, readers search the collections now: the tail carries the target's writes into them
+    (cutover.readers.keep_current) until rollback_ttl_minutes is up or the run is rolled back / finished."""
+    from .cutover import readers
+
     until = utcnow() + dt.timedelta(minutes=spec.rollback_ttl_minutes)
     out = {"primary": "target", "reverse_capture": True, "rollback_offered_until": until.isoformat()}
     with db.target(spec) as tgt:
         ledger.set_metric(tgt, run_id, spec.name, "rollback_offered_until", out["rollback_offered_until"],
                           commit=False)
         ledger.event(tgt, run_id, spec.name, "tail", out)
+    if readers.stores(spec):
+        out["collections"] = readers.keep_current(spec, run_id, time.monotonic() + spec.rollback_ttl_minutes * 60)
+        with db.target(spec) as tgt:
+            ledger.event(tgt, run_id, spec.name, "tail.collections", out["collections"])
     return out
 
 

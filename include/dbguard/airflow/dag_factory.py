@@ -164,7 +164,10 @@ def cutover_stages(b: Build) -> None:
                            doc_md="The flip (dbguard.cutover): freeze, drain, verify, reverse capture, pointer."))
     b.then(TailOperator(task_id="tail", spec_path=b.spec_path, retries=0,
                         doc_md="Dual-write tail: the target is primary, reverse capture keeps the source current "
-                               f"for rollback_ttl_minutes ({s.rollback_ttl_minutes:g}); then run the finish DAG."))
+                               f"for rollback_ttl_minutes ({s.rollback_ttl_minutes:g}); then run the finish DAG."
+                               + (" Readers search the Qdrant collection(s) now: this task carries the target's "
+                                  "writes into them every 2 s until then (cutover.readers)."
+                                  if any(v.qdrant for t in s.tables for v in t.vector) else "")))
 
 
 STAGES: list[StageBuilder] = [preflight, capture_on, backfill, drain_changes, reconcile, finish_schema, checksum_gate,

@@ -15,7 +15,7 @@ import psycopg
 
 from .. import capture, db, target_schema
 from ..spec import MigrationSpec
-from . import fence, pointer, sequences, state as st, watermark
+from . import fence, pointer, readers, sequences, state as st, watermark
 from .steps import CutoverError, Steps, resolve, resume, state, verify_full
 
 
@@ -103,6 +103,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         with steps.step("fence"):
             fence.install(src, spec, "source")
         with steps.step("pointer"):
+            out["readers"] = readers.at_flip(src, spec, run_id)  # Qdrant stores: last window, readers moved
             pointer.point(src, spec, "target")
             st.write(src, spec, run_id, phase="cutover", primary_side="target", stamp="cutover_at")
         with steps.step("unfreeze"):

@@ -16,7 +16,7 @@ from psycopg import sql
 from .. import capture, db, ledger, preflight
 from ..capture.common import lock_retrying
 from ..spec import MigrationSpec
-from . import fence, pointer, repair, sequences, state as st, watermark
+from . import fence, pointer, readers, repair, sequences, state as st, watermark
 from .steps import CutoverError, Steps, resolve, resume, state
 
 
@@ -136,6 +136,7 @@ def _flip_back(spec: MigrationSpec, run_id: str, steps: Steps, done: list[str], 
                 sql.Literal(f"{spec.cutover.lock_timeout_ms}ms")))
             fence.remove(ptr, spec, "source")
             pointer.point(ptr, spec, "source")
+            out["readers"] = readers.at_flip_back(ptr, spec, run_id)  # Qdrant stores: last window, readers back
             st.write(ptr, spec, run_id, primary_side="source", checkpoints=[*done, "pointer"])
             ptr.commit()
             done.append("pointer")
@@ -197,6 +198,7 @@ def finish(spec: MigrationSpec, run_id: str, *, force: bool = False) -> dict[str
                            f"{spec.rollback_ttl_minutes:g}); wait, or finish with force=True")
     spec = resolve(spec)
     capture.drain(spec, run_id, direction="reverse")
+    readers.at_finish(spec, run_id)
     off = capture.capture_off(spec, run_id, direction="reverse")
     with contextlib.suppress(Exception):  # both normally gone since the cutover
         capture.capture_off(spec, run_id, direction="forward")
