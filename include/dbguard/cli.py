@@ -454,7 +454,9 @@ def cmd_rollback(args) -> int:
         say(f"rolled back run {out['run_id']} after its cutover in {out['rollback_ms']} ms: the source is the "
             f"primary again, the pointer flipped back, writes made on the target meanwhile "
             f"({out['writes_after_cutover']['target']}) applied to the source, the target fenced"
-            + (f"; rows copied from the target under the freeze: {out['repaired']}" if out.get("repaired") else ""))
+            + (f"; rows copied from the target under the freeze: {out['repaired']}" if out.get("repaired") else "")
+            + (f"; readers search pgvector again ({', '.join(out['readers']['readers'])}), the collection holds "
+               "those writes too" if out.get("readers") else ""))
     else:
         say(f"rolled back run {out['run_id']}: capture off, schema freeze lifted"
             + (f", dropped {', '.join(out['dropped'])}" if out.get("dropped") else ""))

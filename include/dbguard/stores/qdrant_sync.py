@@ -70,15 +70,9 @@ def _points(source: qdrant_copy.Source, rows: list[tuple]) -> list[qdrant.Point]
 
 
 def refused(e: Exception) -> bool:
-    """The store refused this write (a bad point: validation, 4xx, INVALID_ARGUMENT), as opposed to not
-    answering (connection, timeout, 5xx), which a later pass retries."""
-    if isinstance(e, ValueError):  # local mode validates points in-process
-        return True
-    status = getattr(e, "status_code", None)
-    if isinstance(status, int):
-        return 400 <= status < 500
-    code = getattr(e, "code", None)
-    return callable(code) and getattr(code(), "name", "") == "INVALID_ARGUMENT"
+    """The store refused this write (a bad point: local mode's validation, 4xx), as opposed to not answering
+    (connection, timeout, 429/5xx: `qdrant.transient`), which a later pass retries."""
+    return not qdrant.transient(e)
 
 
 def _error(e: Exception) -> str:
