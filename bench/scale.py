@@ -1,15 +1,20 @@
 """Benchmark `scale`: the whole DAG on 1,000,000 and 10,000,000 rows under a live writer, memory flat.
 
 For each size: load the wide bench table (id, title, body, real[64], timestamptz; ~600 bytes a row), start a
-writer (~200 ops/s of inserts, updates and deletes that follows the pointer: it writes wherever
-`dbguard.control` says the application writes, and re-reads it when a fenced primary refuses it), run the
-spec's DAG through `dag.test()` in a child process (so its peak RSS is that size's alone: `os.wait4`), stop
-the writer, drain what is still in flight, then compare source and target row for row, independently of
-dbguard (md5 of every row's text, streamed in key order from both sides and merged).
+writer (~200 ops/s of inserts, updates and deletes that follows the pointer: it reads `dbguard.control` FOR
+SHARE in the transaction that writes, README "Following the pointer"), run the spec's DAG through
+`dag.test()` in a child process (the worker that runs every task), stop the writer, drain what is still in
+flight, then compare source and target row for row, independently of dbguard (md5 of every row's text,
+streamed in key order from both sides and merged).
 
-One JSON line: {"bench": "scale", "rows", "seconds_per_stage", "rows_per_s", "peak_rss_mb", "rss_growth",
-"lost", ...} where rss_growth = peak RSS at the largest size / peak RSS at the smallest (largest process).
-Goal: time linear in rows, rss_growth <= 1.5, lost 0.
+Memory is measured per process, each in itself (VmHWM of /proc/self/status): the loader, the writer and the
+worker each run in a fresh interpreter of their own. Not `ru_maxrss` of a child: Linux folds the spawning
+process's peak into the child's at exec, so a child of a 2 GB `python -m bench` reported 2 GB whatever it did.
+
+One JSON line: {"bench": "scale", "rows", "seconds_per_stage", "rows_per_s", "peak_rss_mb" (the largest
+process), "peak_rss_mb_per_process" ({worker, writer, loader, report, bench}), "rss_growth", "lost", ...} where
+rss_growth = the worker's peak RSS at the largest size / at the smallest.
+Goal: time linear in rows, every process under 300 MB, rss_growth <= 1.5, lost 0, writer_errors 0.
 """
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_ROWS", "1000000,10000000").
 
 
 class PointerWriter:
-    """An application: one autocommit transaction per insert/update/delete on bench.items, at `rate` ops/s,
-    writing to whichever side dbguard.control names; it remembers the last value it wrote per key."""
+    """An application: one transaction per insert/update/delete on bench.items, at `rate` ops/s, writing to
+    whichever side dbguard.control names, read FOR SHARE in the source transaction that writes (README,
+    "Following the pointer"; a pointer read in its own transaction could be stale by the write)."""
 
     def __init__(self, dsns: dict[str, str], rate: float = 200, seed: int = 11, id_base: int = 2_000_000_000):
         self.dsns, self.rate, self.rng = dsns, rate, random.Random(seed)
@@ -46,13 +52,16 @@ class PointerWriter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _primary(self, src: psycopg.Connection) -> str:
+        """Where to write, read FOR SHARE in `src`'s open transaction (the README's protocol): the cutover's
+        freeze holds this row, so the flip waits for this transaction and this transaction for the flip."""
         row = None
         if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
             cols = {r[0] for r in src.execute("SELECT attname FROM pg_attribute WHERE attrelid = "
                                               "'dbguard.control'::regclass AND attnum > 0")}
             col = "write_target" if "write_target" in cols else "CASE WHEN read_source THEN 'source' ELSE 'target' END"
             only = " AND direction = 'forward'" if "direction" in cols else ""
-            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s{only}", (NAME,)).fetchone()
+            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s{only} FOR SHARE",
+                              (NAME,)).fetchone()
         return (row[0] if row and row[0] else "source")
 
     def _one(self, conn: psycopg.Connection) -> None:
@@ -68,16 +77,20 @@ class PointerWriter:
             conn.execute("DELETE FROM bench.items WHERE id = %s", (self.rng.randint(1001, 5000),))
 
     def _run(self) -> None:
-        conns = {side: psycopg.connect(dsn, autocommit=True) for side, dsn in self.dsns.items()}
+        # the source connection holds the pointer row FOR SHARE until the write (on whichever side) is done
+        src, tgt = psycopg.connect(self.dsns["source"]), psycopg.connect(self.dsns["target"], autocommit=True)
+        conns = {"source": src, "target": tgt}
         t0 = time.monotonic()
         try:
             while not self._stop.is_set():
-                side = self._primary(conns["source"])
-                began = time.monotonic()
+                began, side = time.monotonic(), "source"
                 try:
+                    side = self._primary(src)
                     self._one(conns[side])
+                    src.commit()  # the source write, and the pointer row released
                     self.ops += 1
-                except psycopg.Error as e:  # a fenced old primary: follow the pointer and go on
+                except psycopg.Error as e:  # e.g. a fenced old primary: must not happen under this protocol
+                    src.rollback()
                     self.errors.append(f"{side}: {str(e).splitlines()[0]}")
                     self.switches += 1
                 self.max_stall = max(self.max_stall, time.monotonic() - began)
@@ -149,51 +162,129 @@ def child(spec_path: str) -> None:
     env.ensure_metadata_db()
     os.environ["DBGUARD_SPECS"] = spec_path
     dag = DagBag(str(env.DAGS_FOLDER)).dags[f"dbguard_{NAME}"]
+    before = _status_mb("VmRSS")
+    sampler = RssSampler().start()
     t0 = time.monotonic()
     dag_run = dag.test()
     wall = time.monotonic() - t0
+    sampler.stop()
     stages: dict[str, float] = {}
+    stage_rss: dict[str, float] = {}
     with settings.Session() as s:
         for ti in s.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
                                                TaskInstance.run_id == dag_run.run_id):
             if ti.start_date and ti.end_date:
                 stage = ti.task_id.split(".")[-1] if ti.task_id.endswith(("copy_range", "plan_ranges")) else ti.task_id
                 stages[stage] = stages.get(stage, 0.0) + (ti.end_date - ti.start_date).total_seconds()
+                peak = sampler.peak(ti.start_date.timestamp(), ti.end_date.timestamp())
+                if peak is not None:
+                    stage_rss[stage] = max(stage_rss.get(stage, 0.0), peak)
     result = env.run_result(dag_run) or {}
     print(json.dumps({"wall": wall, "stages": {k: round(v, 2) for k, v in stages.items()},
                       "status": result.get("status"), "checksum_ok": result.get("checksum_ok"),
-                      "cutover_ms": result.get("cutover_ms")}), flush=True)
+                      "cutover_ms": result.get("cutover_ms"),
+                      "peak_rss_mb": round(_status_mb("VmHWM"), 1), "rss_before_run_mb": round(before, 1),
+                      "stage_rss_mb": {k: round(v, 1) for k, v in stage_rss.items()}}), flush=True)
+
+
+def _status_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (now) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(field + ":"):
+                return int(ln.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler:
+    """This process's RSS every 0.2 s, to say which stage holds the peak."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append((time.time(), _status_mb("VmRSS")))
+
+    def start(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def peak(self, t0: float, t1: float) -> float | None:
+        inside = [mb for t, mb in self.samples if t0 <= t <= t1]
+        return max(inside) if inside else None
+
+
+def writer_process(src: str, tgt: str) -> None:
+    """In its own process: the PointerWriter until a line (or EOF) on stdin, then its stats and peak RSS."""
+    w = PointerWriter({"source": src, "target": tgt}).start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps({**w.stop(), "peak_rss_mb": round(_status_mb("VmHWM"), 1)}), flush=True)
+
+
+def load_process(dsn: str, rows: int) -> None:
+    """In its own process: load the wide table; seconds and peak RSS."""
+    from dbguard import demo
+
+    t0 = time.monotonic()
+    demo.load_wide(dsn, "bench.items", rows)
+    print(json.dumps({"seconds": round(time.monotonic() - t0, 1), "peak_rss_mb": round(_status_mb("VmHWM"), 1)}),
+          flush=True)
+
+
+def _run_json(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.scale", *args], cwd=ROOT, capture_output=True, text=True,
+                         env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.scale {args[0]} exited {out.returncode}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def one_size(rows: int, tmp: Path) -> dict:
-    from dbguard import capture, demo
+    from dbguard import capture
     from dbguard.spec import load_spec
 
     dsns = fresh_databases(NAME)
-    t0 = time.monotonic()
-    demo.load_wide(dsns["dbguard_source"], "bench.items", rows)
-    load_s = time.monotonic() - t0
+    loaded = _run_json(["--load", dsns["dbguard_source"], str(rows)])
     spec_path = _spec_file(tmp)
-    writer = PointerWriter({"source": dsns["dbguard_source"], "target": dsns["dbguard_target"]}).start()
+    writer = subprocess.Popen([sys.executable, "-m", "bench.scale", "--writer", dsns["dbguard_source"],
+                               dsns["dbguard_target"]], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    writer.stdout.readline()  # "ready"
+
+    def stop_writer() -> dict:
+        out_, _ = writer.communicate("stop\n", timeout=120)
+        return json.loads(out_.strip().splitlines()[-1])
+
     log = open(tmp / f"dag_{rows}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--child", str(spec_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Popen.wait would discard it)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     log.write(out)  # Airflow's task log goes to the child's stdout: keep it beside the stderr for diagnosis
     log.close()
     if proc.returncode != 0:
-        writer.stop()
+        stop_writer()
         raise RuntimeError(f"the DAG run for {rows} rows exited {proc.returncode}; see {log.name}")
     time.sleep(2)  # a few writes after the run, through the pointer
-    wstats = writer.stop()
+    wstats = stop_writer()
     spec = load_spec(spec_path)
     last = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     # What the writer did after the run ended is still in flight: drain it before comparing.
     run_id = None
     with psycopg.connect(dsns["dbguard_target"]) as c:
         run_id = c.execute("SELECT run_id FROM dbguard.runs ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+        m = dict(c.execute("SELECT name, value FROM dbguard.metrics WHERE run_id = %s AND name IN "
+                           "('cutover_steps', 'cutover_verify', 'report_render')", (run_id,)).fetchall())
+    cut = {"cutover_steps_ms": {x["step"]: x["ms"] for x in m.get("cutover_steps") or []},
+           "cutover_verify_mode": (m.get("cutover_verify") or {}).get("mode")}
     for direction in ("forward", "reverse"):
         try:
             if capture.is_on(spec, direction=direction):
@@ -202,14 +293,14 @@ def one_size(rows: int, tmp: Path) -> dict:
             if direction == "forward" and capture.is_on(spec):
                 capture.drain(spec, run_id)
     lost = row_diff(dsns["dbguard_source"], dsns["dbguard_target"])
-    return {"rows": rows, "load_seconds": round(load_s, 1), "dag_seconds": round(last["wall"], 1),
+    per = {"worker": last["peak_rss_mb"], "writer": wstats.pop("peak_rss_mb"), "loader": loaded["peak_rss_mb"],
+           "report": (m.get("report_render") or {}).get("peak_rss_mb"),  # the worker's child that draws the page
+           "bench": round(_status_mb("VmHWM"), 1)}  # this process: drain and row_diff (all sizes so far)
+    return {"rows": rows, "load_seconds": loaded["seconds"], "dag_seconds": round(last["wall"], 1),
             "seconds_per_stage": last["stages"], "status": last["status"], "checksum_ok": last["checksum_ok"],
-            "cutover_ms": last["cutover_ms"], "peak_rss_mb": round(_child_rss_mb(usage), 1), "lost": lost,
-            **wstats}
-
-
-def _child_rss_mb(usage) -> float:
-    return usage.ru_maxrss / 1024  # kB on Linux
+            "cutover_ms": last["cutover_ms"], "peak_rss_mb": max(v for v in per.values() if v is not None),
+            "peak_rss_mb_per_process": per, "worker_rss_before_run_mb": last["rss_before_run_mb"],
+            "worker_stage_rss_mb": last["stage_rss_mb"], **cut, "lost": lost, **wstats}
 
 
 def main() -> None:
@@ -228,15 +319,22 @@ def main() -> None:
     ratio = big["rows"] / small["rows"]
     print(json.dumps({"bench": "scale", "rows": big["rows"], "seconds_per_stage": big["seconds_per_stage"],
                       "rows_per_s": round(big["rows"] / big["dag_seconds"]),
-                      "peak_rss_mb": big["peak_rss_mb"], "rss_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+                      "peak_rss_mb": big["peak_rss_mb"], "peak_rss_mb_per_process": big["peak_rss_mb_per_process"],
+                      "rss_growth": round(big["peak_rss_mb_per_process"]["worker"]
+                                          / small["peak_rss_mb_per_process"]["worker"], 2),
                       "lost": sum(r["lost"] for r in results),
                       "time_growth": round(big["dag_seconds"] / small["dag_seconds"], 2), "rows_growth": ratio,
                       "status": big["status"], "cutover_ms": big["cutover_ms"],
+                      "writer_errors": sum(r["writer_errors"] for r in results),
                       "writer_max_stall_ms": big["writer_max_stall_ms"], "sizes": results}), flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--writer":
+        writer_process(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--load":
+        load_process(sys.argv[2], int(sys.argv[3]))
     else:
         main()
