@@ -1,7 +1,8 @@
 """The run report: one JSON file and one self-contained HTML page per run (page.py, plots.py).
 
 Written to $DBGUARD_REPORT_DIR (default <project>/reports)/<dag_id>/<run_id>.{json,html}.
-Everything comes from the ledger, so a report can be rebuilt at any time.
+Everything comes from the ledger, so a report can be rebuilt at any time. The page is drawn in a process of
+its own (render.py): importing this package loads no pandas or matplotlib.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 import psycopg
 
 from ..spec import MigrationSpec
-from . import page
 
 
 def report_dir() -> Path:
@@ -73,7 +73,7 @@ def regression_gold(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, 
     return len(lines)
 
 
-INCIDENT_STATUSES = page.NOTE_STATUSES  # aborted, rolled_back, failed: a clean flip (`cutover`) is no incident
+INCIDENT_STATUSES = ("aborted", "rolled_back", "failed")  # a clean flip (`cutover`) is no incident (page.py too)
 
 
 def incident(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, data: dict, base: Path) -> dict | None:
@@ -98,13 +98,18 @@ def incident(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, data: d
 
 
 def write(spec: MigrationSpec, run_id: str, conn: psycopg.Connection, result: dict) -> Path:
-    """Write <run>.json and <run>.html; the result's `report` is the HTML path (also inside the page)."""
+    """Write <run>.json and <run>.html; the result's `report` is the HTML path (also inside the page). The page
+    is drawn in a child process (render.py); its peak RSS is recorded (metric report_render)."""
     out = report_dir() / spec.dag_id
     out.mkdir(parents=True, exist_ok=True)
     base = out / _safe(run_id)
     path = Path(f"{base}.html")
     data = {"result": {**result, "report": str(path)}, **gather(conn, run_id)}
     data["incident"] = incident(spec, run_id, conn, data, base)
-    Path(f"{base}.json").write_text(page.dumps(data))
-    path.write_text(page.render(spec, run_id, data, base))
+    Path(f"{base}.json").write_text(json.dumps(data, indent=2, default=str))
+    from . import render
+    from .. import ledger
+
+    how, peak = render.in_child(spec, run_id, data, base)
+    ledger.set_metric(conn, run_id, spec.name, "report_render", {"how": how, "peak_rss_mb": peak})
     return path

@@ -311,7 +311,7 @@ def _message(msg: str | None, lines: int = 8) -> str:
                    f"<pre>{esc(chr(10).join(parts[lines:]))}</pre></details>")
 
 
-NOTE_STATUSES = ("aborted", "rolled_back", "failed")  # dbguard.incident writes its notes for these
+from . import INCIDENT_STATUSES as NOTE_STATUSES  # noqa: E402  dbguard.incident writes its notes for these
 
 
 def links_html(base: Path, status: str | None) -> str:
