@@ -417,6 +417,18 @@ def test_an_applier_mistake_on_a_changed_row_is_caught_by_the_changed_rows_verif
     assert cutover.state(spec, RUN)["primary"] == "source"
 
 
+def test_finish_schema_leaves_the_target_with_a_visibility_map_and_statistics(dbpair, migrated):
+    """finish_schema ends with VACUUM (ANALYZE) of the target tables: every page all-visible (count(*) can read
+    the primary key's index alone) and statistics for the planner, where the copy left neither."""
+    with dbpair.tgt() as t:
+        rows = t.execute("SELECT c.relname, c.relpages, c.relallvisible, c.reltuples FROM pg_class c JOIN pg_namespace "
+                         "n ON n.oid = c.relnamespace WHERE n.nspname = 'shop' AND c.relname IN ('customers', 'orders') "
+                         "ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == ["customers", "orders"]
+    for name, pages, visible, tuples in rows:
+        assert pages > 0 and visible == pages and tuples == {"customers": 300, "orders": 1200}[name], rows
+
+
 def test_capture_off_and_on_after_the_gate_gets_the_whole_table_verify(dbpair, migrated):
     """A change made while capture was off is in no ledger: new capture triggers void the watermark."""
     spec = migrated

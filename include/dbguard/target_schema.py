@@ -236,7 +236,7 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
     """After the backfill: the source's post-data on the target (indexes, triggers, RLS, policies, rules,
     their comments and grants; one entry per transaction), populated materialized views refreshed, then
     the foreign keys among migrated tables (NOT VALID, then VALIDATE) and spec-declared target.indexes
-    (retrieval's ANN/GIN indexes are built elsewhere)."""
+    (retrieval's ANN/GIN indexes are built elsewhere); last, VACUUM (ANALYZE) of every target table (vacuum())."""
     by_source = {(t.schema_, t.name): t for t in spec.tables}
     done = {"foreign_keys": [], "indexes": [], "objects": []}
     with db.source(spec) as src, db.target(spec) as tgt:
@@ -282,6 +282,22 @@ def finish(spec: MigrationSpec, run_id: str | None = None) -> dict:
                     tgt.commit()
                     done["indexes"].append(f"{t.ref}.{name}")
     done["indexes"] += [o.split(" ", 1)[1] for o in done["objects"] if o.startswith("INDEX ")]
+    done["vacuumed"] = vacuum(spec)
+    return done
+
+
+def vacuum(spec: MigrationSpec) -> list[str]:
+    """VACUUM (ANALYZE) every target table (each partition with it), once its indexes are built: the copy left
+    no visibility map and no statistics, so every count(*) would read the whole heap (the cutover's counts,
+    and the application's queries once the target is its primary), and the planner would guess. With the
+    visibility map set, count(*) reads the primary key's index only. Writers are not blocked (SHARE UPDATE
+    EXCLUSIVE). Returns the tables vacuumed."""
+    done = []
+    with db.target(spec, autocommit=True) as tgt:
+        for t in spec.tables:
+            if catalog.regclass(tgt, t.target_schema, t.target_name) is not None:
+                tgt.execute(sql.SQL("VACUUM (ANALYZE) {}").format(db.qname(t.target_schema, t.target_name)))
+                done.append(t.ref)
     return done
 
 
