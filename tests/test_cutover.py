@@ -107,7 +107,7 @@ def test_cutover_under_a_writer_then_rollback_loses_nothing(dbpair, migrated):
         t.execute("DELETE FROM shop.orders WHERE id = 1")
     with dbpair.src(autocommit=True) as s:
         s.execute("UPDATE shop.customers SET full_name = 'source again' WHERE id = (SELECT min(id) FROM shop.customers)")
-    assert out["cutover_ms"] < 5000 and [x["step"] for x in out["steps"]][:3] == ["prepare", "freeze", "verify"]
+    assert out["cutover_ms"] < 5000 and [x["step"] for x in out["steps"]][:4] == ["prepare", "count", "freeze", "verify"]
     print(f"cutover_ms={out['cutover_ms']} rollback_ms={rb['rollback_ms']} writer_max_stall_ms={w.max_stall_ms:.0f}")
     assert w.max_stall_ms < out["cutover_ms"] + 1000
     with dbpair.tgt() as t:
@@ -427,6 +427,52 @@ def test_finish_schema_leaves_the_target_with_a_visibility_map_and_statistics(db
     assert [r[0] for r in rows] == ["customers", "orders"]
     for name, pages, visible, tuples in rows:
         assert pages > 0 and visible == pages and tuples == {"customers": 300, "orders": 1200}[name], rows
+
+
+def test_the_whole_table_counts_are_taken_before_the_freeze_and_brought_up_to_it(dbpair, migrated, monkeypatch):
+    """The freeze counts no whole table: the counts come from snapshots taken before it (step 'count', writers
+    going on), plus what changed between those snapshots and the freeze (here 3 inserts and 2 deletes made
+    right after the counts): the verify reports the counts as they are under the freeze."""
+    from dbguard.cutover import watermark
+
+    spec = migrated
+    _gate(spec)
+    real = watermark.count_before
+
+    def count_then_write(spec_, run_id):
+        counted = real(spec_, run_id)
+        with dbpair.src(autocommit=True) as app:
+            app.execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) SELECT 900000000 + g, "
+                        "(SELECT min(id) FROM shop.customers), now(), 1, 'placed' FROM generate_series(1, 3) g")
+            app.execute("DELETE FROM shop.orders WHERE id IN (SELECT id FROM shop.orders ORDER BY id LIMIT 2)")
+        return counted
+
+    monkeypatch.setattr(watermark, "count_before", count_then_write)
+    with dbpair.src() as c:
+        n = c.execute("SELECT count(*) FROM shop.orders").fetchone()[0]
+    out = cutover.cutover(spec, RUN)
+    names = [s["step"] for s in out["steps"]]
+    assert names.index("count") < names.index("freeze"), names
+    assert out["verify_mode"] == "changed", out
+    orders = out["verify"]["orders"]
+    assert orders["counted"] == "before the freeze" and orders["count"] == orders["target_count"] == n + 1, orders
+    assert out["verify"]["customers"]["counted"] == "before the freeze"
+    capture.drain(spec, RUN, direction="reverse")
+    assert_identical(dbpair, spec)
+
+
+def test_a_write_that_passes_for_the_applier_is_caught_by_the_counts_before_the_freeze(dbpair, migrated):
+    """A session of dbguard's own role that sets the applier's marker passes the note-trigger unnoted; a row it
+    inserts on the target is no changed key, so only the whole-table counts (taken before the freeze) see it."""
+    spec = migrated
+    _gate(spec)
+    with dbpair.tgt(autocommit=True) as bad:
+        bad.execute("SELECT set_config('dbguard.applying', 'on', false)")
+        bad.execute("INSERT INTO shop.orders (id, customer_id, placed_at, amount, status) VALUES "
+                    "(900000001, (SELECT min(id) FROM shop.customers), now(), 1, 'placed')")
+    with pytest.raises(cutover.CutoverError, match="orders: source 1200 rows, target 1201"):
+        cutover.cutover(spec, RUN)
+    assert cutover.state(spec, RUN)["primary"] == "source"
 
 
 def test_capture_off_and_on_after_the_gate_gets_the_whole_table_verify(dbpair, migrated):

@@ -1,9 +1,10 @@
 """The flip: move the application from the source to the target in one bounded step.
 
-freeze -> drain -> verify -> sequences -> reverse capture -> fence the source -> flip -> unfreeze; then
-forward capture off. Undo beside do: every step's effect is either inside the source freeze transaction
-(fence, flip: rolled back with it) or undone explicitly on failure (reverse capture off), so a failed cutover
-leaves the source the one writable primary with forward capture still on.
+count (whole-table counts, before the freeze: writers go on) -> freeze -> drain -> verify -> sequences ->
+reverse capture -> fence the source -> flip -> unfreeze; then forward capture off. Undo beside do: every
+step's effect is either inside the source freeze transaction (fence, flip: rolled back with it) or undone
+explicitly on failure (reverse capture off), so a failed cutover leaves the source the one writable primary
+with forward capture still on.
 """
 from __future__ import annotations
 
@@ -44,11 +45,13 @@ def check_ready(spec: MigrationSpec, run_id: str) -> list[str]:
     return reasons
 
 
-def _verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> tuple[str, dict[str, Any]]:
+def _verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection,
+            before: watermark.Counted | None) -> tuple[str, dict[str, Any]]:
     """The cutover's verify under the freeze (`src` holds it): ("changed", ...) when the checksum gate's
-    watermark holds — whole-table counts plus count + checksum of the rows changed since the gate (watermark.py
-    says why that is exact) — else ("full", verify_full). Any mismatch raises."""
-    changed = watermark.verify(spec, run_id, src)
+    watermark holds — count + checksum of the rows changed since the gate, and whole-table counts taken before
+    the freeze (`before`) brought up to now by those rows (watermark.py says why that is exact) — else ("full",
+    verify_full). Any mismatch raises."""
+    changed = watermark.verify(spec, run_id, src, before)
     if changed is None:
         return "full", verify_full(spec)
     bad = [f"{n}: source {r['count']} rows, target {r['target_count']}; rows changed since the gate: source "
@@ -74,7 +77,7 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
     steps = Steps(spec, run_id, "cutover", fail_at)
     out: dict[str, Any] = {"run_id": run_id, "pointer": spec.cutover.pointer, "errors_after_commit": [],
                            **({"unpaused": resumed} if resumed else {})}
-    frozen_at, held, q = None, None, None
+    frozen_at, held, q, before = None, None, None, None
     try:
         with steps.step("prepare"), db.source(spec) as src:
             st.ensure(src)
@@ -83,6 +86,8 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
                      last_error=None)
             src.commit()
             _fresh_reverse_capture(spec, run_id)  # outside the freeze: reverse capture goes on inside it
+        with steps.step("count"):  # the whole-table counts, outside the freeze (None: none to take)
+            before = watermark.count_before(spec, run_id)
         with steps.step("freeze"):
             cm = capture.quiesced(spec, run_id, "forward", lock_timeout_ms=spec.cutover.lock_timeout_ms,
                                   retries=spec.cutover.retries)
@@ -94,7 +99,11 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
         if info.get("dual_write_fail"):
             raise CutoverError(f"dual_write_fail = {info['dual_write_fail']} after the final drain")
         with steps.step("verify"):
-            out["verify_mode"], out["verify"] = _verify(spec, run_id, src)
+            try:
+                out["verify_mode"], out["verify"] = _verify(spec, run_id, src, before)
+            finally:
+                if before is not None:
+                    before.close()  # its snapshots end before the flip's DDL and the application's writes
         with steps.step("sequences"), db.target(spec) as tgt:
             out["sequences"] = sequences.sync(src, tgt, spec, "source")
             tgt.commit()
@@ -110,6 +119,8 @@ def cutover(spec: MigrationSpec, run_id: str, *, fail_at: str | None = None) -> 
             cm, q = q, None
             cm.__exit__(None, None, None)  # COMMIT: fence, pointer and phase at once
     except CutoverError as e:
+        if before is not None:
+            before.close()
         if q is not None:
             with contextlib.suppress(Exception):
                 q.__exit__(type(e), e, e.__traceback__)  # rolls the freeze transaction back

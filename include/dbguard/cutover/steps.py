@@ -15,7 +15,7 @@ from ..reconcile import Sides
 from ..spec import MigrationSpec
 from . import pointer, state as st
 
-CUTOVER_STEPS = ("prepare", "freeze", "verify", "sequences", "reverse_capture", "fence", "pointer", "unfreeze",
+CUTOVER_STEPS = ("prepare", "count", "freeze", "verify", "sequences", "reverse_capture", "fence", "pointer", "unfreeze",
                  "resume", "forward_capture_off")
 CUTOVER_COMMITTED = ("resume", "forward_capture_off")  # after the flip's commit: reported, never undone
 ROLLBACK_STEPS = ("freeze", "verify", "sequences", "fence_target", "pointer", "unfreeze", "reverse_capture_off",

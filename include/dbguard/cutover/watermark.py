@@ -9,13 +9,23 @@ moves it.
 When the verify found the tables equal with nothing noted, `mark()` records the ledger's highest op_id: the
 watermark.
 
-At a later freeze (cutover, release), with the ledger drained again, `verify()` compares whole-table row
-counts plus the count + checksum of every key the ledger changed after the watermark (old and new keys of key
-changes). When only the applier wrote the target and nothing bypassed capture on the source (DDL is refused by
-the schema freeze, TRUNCATE by capture's trigger), those are the only rows that can differ, so the freeze no
-longer grows with the table. `verify()` returns None — verify whole tables — when the run has no watermark, a
-foreign write was noted, the source's capture triggers are not the ones the gate saw (capture was off for a
-while, or disabled), the schema freeze is off, or more than `MAX_KEYS` keys changed.
+At a later freeze (cutover, release), with the ledger drained again, `verify()` compares the count + checksum
+of every key the ledger changed after the watermark (old and new keys of key changes), plus whole-table row
+counts. When only the applier wrote the target and nothing bypassed capture on the source (DDL is refused by
+the schema freeze, TRUNCATE by capture's trigger), the changed keys are the only rows that can differ, so the
+freeze no longer grows with the table. `verify()` returns None — verify whole tables — when the run has no
+watermark, a foreign write was noted, the source's capture triggers are not the ones the gate saw (capture was
+off for a while, or disabled), the schema freeze is off, or more than `MAX_KEYS` keys changed.
+
+The whole-table counts are the safety net for what the note-trigger and the capture triggers cannot see (a
+session that passes for the applier, an applier that wrote a key no op named). Counted under the freeze they
+were its whole cost at 10M rows (two full scans), so the cutover takes them before its freeze: `count_before()`
+counts every table on both sides in a REPEATABLE READ snapshot each, while writers go on, and keeps both
+snapshots open. Under the freeze, every change since those snapshots is an op on a changed key (the same nets
+say so), so `verify()` derives each side's count now as count(snapshot) - changed keys present in the snapshot
++ changed keys present now: equal counts still mean equal rows outside the changed keys as of the snapshots.
+A foreign insert or delete made before the cutover started shows as differing counts; one made in the seconds
+between the snapshots and the freeze is caught only by the note-trigger and the capture triggers.
 
 The note-triggers go on every member of a partitioned table's tree (a write that names a partition fires
 none of the parent's statement triggers), and the capture triggers compared are those of every member.
@@ -168,11 +178,8 @@ def _sum(conn: psycopg.Connection, table, side: str, keys: list[tuple[str, ...]]
     return Checksum(count, total)
 
 
-def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[str, Any] | None:
-    """Under a freeze with the forward ledger drained to zero (`src` holds it): per table {count, equal,
-    changed_keys}, or None when the whole tables must be compared (see the module doc)."""
-    from ..reconcile import Sides
-
+def _mark(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[str, Any] | None:
+    """The watermark when it still holds (see the module doc), else None."""
     if not spec.schema_freeze:
         return None
     with db.target(spec) as tgt:
@@ -182,19 +189,82 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[st
     if (_capture_triggers(src, spec) != mark_["capture"]
             or len(mark_["capture"]) != len(guards.oids(src, [relation(t, "source") for t in spec.tables]))):
         return None  # capture was off (or disabled) for a while: the ledger may not hold every change
+    return mark_
+
+
+class Counted:
+    """Whole-table row counts of both sides, each in a REPEATABLE READ snapshot that stays open (count_before)
+    until close(): verify() counts the changed keys in the same snapshots."""
+
+    def __init__(self, spec: MigrationSpec):
+        self.src, self.tgt = db.source(spec), db.target(spec)
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    def changed(self, t, keys: list[tuple[str, ...]], h) -> tuple[int, int]:
+        """How many of `keys` each side held in its snapshot."""
+        return _sum(self.src, t, "source", keys, h).count, _sum(self.tgt, t, "target", keys, h).count
+
+    def close(self) -> None:
+        for c in (self.src, self.tgt):
+            c.close()  # read-only snapshots: nothing to commit
+
+
+def count_before(spec: MigrationSpec, run_id: str) -> Counted | None:
+    """Before a freeze, while writers go on: every table's row count on both sides (both at once), each side in
+    a REPEATABLE READ snapshot kept open for verify(). None when the watermark does not hold now (the freeze
+    then verifies whole tables; verify() checks again under it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with db.source(spec) as src:
+        if _mark(spec, run_id, src) is None:
+            return None
+    c = Counted(spec)
+    try:
+        for conn in (c.src, c.tgt):
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+        def count(conn: psycopg.Connection, rel) -> int:
+            return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(rel)).fetchone()[0]
+
+        with ThreadPoolExecutor(1) as pool:
+            for t in spec.tables:
+                s = pool.submit(count, c.src, relation(t, "source"))
+                g = count(c.tgt, relation(t, "target"))
+                c.counts[t.ref] = (s.result(), g)
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection,
+           before: Counted | None = None) -> dict[str, Any] | None:
+    """Under a freeze with the forward ledger drained to zero (`src` holds it): per table {count, target_count,
+    equal, changed_keys, counted}, or None when the whole tables must be compared (see the module doc). With
+    `before` (count_before, taken before the freeze) the counts are derived from its snapshots and the changed
+    keys; without, both tables are counted here, under the freeze."""
+    from ..reconcile import Sides
+
+    mark_ = _mark(spec, run_id, src)
+    if mark_ is None:
+        return None
     keys = changed_keys(src, spec, mark_["snapshot"])
-    if keys is None:
+    if keys is None or (before is not None and set(before.counts) != {t.ref for t in spec.tables}):
         return None
     sides = Sides(spec)
     out = {}
     try:
         for t in spec.tables:
             ks = sorted(keys[t.ref])
-            (s_all, g_all), (s_ck, g_ck) = (
-                sides.both(lambda c, side: c.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                    relation(t, side))).fetchone()[0], ("source",), ("target",)),
-                sides.both(_sum, (t, "source", ks, sides.hashing), (t, "target", ks, sides.hashing)))
+            s_ck, g_ck = sides.both(_sum, (t, "source", ks, sides.hashing), (t, "target", ks, sides.hashing))
+            if before is None:
+                s_all, g_all = sides.both(lambda c, side: c.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                    relation(t, side))).fetchone()[0], ("source",), ("target",))
+            else:  # count then, less the changed keys then, plus the changed keys now
+                (s_then, g_then), (s_k, g_k) = before.counts[t.ref], before.changed(t, ks, sides.hashing)
+                s_all, g_all = s_then - s_k + s_ck.count, g_then - g_k + g_ck.count
             out[t.ref] = {"count": s_all, "target_count": g_all, "changed_keys": len(ks),
+                          "counted": "under the freeze" if before is None else "before the freeze",
                           "equal": s_all == g_all and s_ck == g_ck,
                           "source": s_ck.to_dict(), "target": g_ck.to_dict()}
     finally:
