@@ -82,6 +82,8 @@ def test_shop_run_report_has_verdict_plots_and_the_json_values(airflow_db, dbpai
         ledger.set_metric(conn, dag_run.run_id, spec.name, "cutover_ms", 60.75)
         ledger.set_metric(conn, dag_run.run_id, spec.name, "excluded_columns", {"shop.customers": ["notes"]})
         page = report.write(spec, dag_run.run_id, conn, {**result, "cutover_ms": 60.75}).read_text()
+        drawn = ledger.metrics(conn, dag_run.run_id)["report_render"]
+    assert drawn["how"] == "child" and drawn["peak_rss_mb"] > 0, drawn  # the page was drawn in a process of its own
     assert plot_titles(page) == 4
     text = text_of(page)
     assert "cutover (writes paused)</td><td class='num'>60.8 ms</td>" in text
@@ -105,3 +107,15 @@ def test_docs_run_report_draws_delta_s_lambda_and_latency(airflow_db, dbpair, re
     assert "λ state, seed 1</td><td class='num'>convergent</td>" in text
     assert f"<td class='num'>{result['delta_s_diff']:.3g}</td>" in text  # ΔS diff shown as in the JSON, rounded
     assert "latency p95 change" in text and "Shadow reads per store" in text
+
+
+def test_the_processes_that_run_tasks_load_no_plotting_libraries():
+    """The page is drawn in a child process (report/render.py): importing what the tasks import loads neither
+    pandas nor matplotlib (together ~70 MB of every task process's RSS, and of dag.test()'s one worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dbguard.stages, dbguard.incident, dbguard.airflow.operators; "
+            "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
