@@ -114,6 +114,7 @@ CHECK_SLOW := \
 	tests/test_vector_store.py::test_hnsw_results_that_differ_between_builds_still_pass \
 	tests/test_qdrant.py::test_docs_into_qdrant_pass_every_gate_in_a_dag_run \
 	tests/test_qdrant.py::test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric \
+	tests/test_qdrant_cutover.py::test_readers_move_to_qdrant_at_cutover_and_back_at_rollback_losing_no_write \
 	tests/test_run_truth.py::test_a_failed_step_puts_its_message_in_the_result_reason \
 	tests/test_column_contract.py::test_column_shape_under_a_writer_through_cutover_and_rollback \
 	tests/test_partitions.py::test_a_partitioned_table_through_cutover_and_rollback_under_a_writer \
