@@ -123,6 +123,7 @@ def test_a_generated_column_falls_back_to_the_checksum_and_says_so(dbpair):
     from dbguard.ranges import KeyRange
     res = backfill.copy_range(catalog.resolve(s), "g", KeyRange("g", 0, None, None))
     assert res.ok and res.extra["proof"] == "checksum" and res.to_dict()["proof"] == "checksum"
+    assert "generated column" in res.to_dict()["proof_why"]
 
 
 def test_verify_checksum_keeps_the_sql_checksum(dbpair):

@@ -303,7 +303,8 @@ def copy_range(spec: MigrationSpec, run_id: str, r: KeyRange, *,
         orphans = orphan_count(tgt, spec, table, r)
         target_rev = str(tgt.execute("SELECT pg_current_xact_id()").fetchone()[0])
         res = RangeResult(table.ref, r.range_id, r.label, rows, time.monotonic() - t0, src_ck, tgt_ck, orphans,
-                          source_rev, target_rev, {"proof": "stream" if fallback is None else "checksum"})
+                          source_rev, target_rev,
+                          {"proof": "stream"} if fallback is None else {"proof": "checksum", "proof_why": fallback})
         src.rollback()
         res.seconds = time.monotonic() - t0
         record_range(tgt, spec, run_id, r, "verified" if res.ok else "mismatch", res)
