@@ -211,6 +211,43 @@ def test_an_interrupted_copy_resumes_at_the_first_range_not_recorded(qd):
     assert r["checksum_ok"] and r["points"] == 260 and r["repaired"] == 0
 
 
+def test_a_copy_interrupted_on_persistent_local_mode_resumes_in_a_new_client(monkeypatch, tmp_path):
+    """The bookkeeping and the new collection's recorded plan survive the client (a new worker process
+    opens the directory again): the re-run copies only the ranges not recorded."""
+    monkeypatch.delenv("AIRFLOW_CONN_QDRANT_DEFAULT", raising=False)
+    monkeypatch.setenv("DBGUARD_QDRANT_DIR", str(tmp_path / "qd"))
+    qdrant.close_all()
+    try:
+        live(qdrant.client("qdrant_default"), clustered(160, 17), named=False)
+        spec = parse_spec(q2q(source={"vector_name": None, "alias": None}))
+        cs.preflight(spec, "r1")
+        cs.plan_ranges(spec, "r1")
+
+        def die(i, r):
+            if i == 0:
+                raise KeyboardInterrupt("worker killed")
+        with pytest.raises(KeyboardInterrupt):
+            cs.copy(spec, "r1", 0, on_range=die)
+        qdrant.close_all()  # the worker is gone
+        cs.preflight(spec, "r2")  # the half-built collection is this migration's: not refused
+        assert len(cs.plan_ranges(spec, "r2")) == 4
+        again = cs.copy(spec, "r2", 0)
+        assert again["skipped_ranges"] == 1 and again["copied_ranges"] == 3
+        r = cs.reconcile(spec, "r2")[spec.collections[0].label]
+        assert r["checksum_ok"] and r["points"] == 160 and r["repaired"] == 0
+    finally:
+        qdrant.close_all()
+
+
+def test_q2q_payload_of_every_type_is_copied_exactly(qd):
+    payload = {n: qdrant_payload.encoder(t)(v) for n, t, v in PAYLOAD_TYPES}
+    live(qd, clustered(20, 18), payload=lambda i: {**payload, "title": f"item {i}"})
+    spec = parse_spec(q2q())
+    assert run_to_reconcile(spec)["reconcile"][spec.collections[0].label]["checksum_ok"]
+    got = qd.retrieve(NEW, [9], with_payload=True)[0].payload
+    assert qdrant_payload.canonical(got) == qdrant_payload.canonical({**payload, "title": "item 9"})
+
+
 def test_alias_cutover_moves_readers_to_the_new_collection_and_rollback_moves_them_back(qd):
     live(qd, clustered(120, 6))
     qdrant.swap_alias(qd, "items", LIVE)
