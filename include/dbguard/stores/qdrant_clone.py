@@ -161,19 +161,10 @@ class Side:
         self.c, self.name, self.cosine, self.retries = c, name, cosine_names(p), retries
 
     def write(self, points: list[SPoint]) -> None:
-        if not points:
-            return
-        batch = [to_struct(p) for p in points]
-        for attempt in range(self.retries):
-            try:
-                self.c.upsert(self.name, points=batch, wait=True)
-                return
-            except Exception:
-                if attempt == self.retries - 1:
-                    raise
-                import time
-
-                time.sleep(0.5 * 2 ** attempt)
+        """Upsert, waiting for the write; transient errors retried (qdrant.retrying), a refusal raised."""
+        if points:
+            batch = [to_struct(p) for p in points]
+            qdrant.retrying(lambda: self.c.upsert(self.name, points=batch, wait=True), retries=self.retries)
 
     def read(self, ids: list[str]) -> list[SPoint]:
         return retrieve(self.c, self.name, ids)
