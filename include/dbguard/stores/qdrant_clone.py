@@ -130,24 +130,20 @@ def index_hash(p: dict[str, Any], collection: str, count: int, checksum: int) ->
 
 def _unit(v: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(v)
-    return v / n if n > 1e-16 else v
+    return v / n if n > 1.1920929e-7 else v  # Qdrant's EPSILON (f32::EPSILON)
 
 
 def expecter(move: CollectionMove, p: dict[str, Any]):
-    """Source point -> the point the new collection holds: dropped vectors left out, the gated vector
-    transformed, Cosine vectors as unit vectors (float32, as Qdrant stores them)."""
-    gated, keep, cos = move.source.vector_name or "", set(p["vectors"]) | set(p["sparse_vectors"]), cosine_names(p)
+    """Source point -> the point sent to the new collection: dropped vectors left out, the gated vector
+    transformed (`Side.stored` is what the collection then holds)."""
+    gated, keep = move.source.vector_name or "", set(p["vectors"]) | set(p["sparse_vectors"])
 
     def expect(pt: SPoint) -> SPoint:
         out = {}
         for n, v in pt.vectors.items():
             if n not in keep:
                 continue
-            if n == gated:
-                v = transform(move, v)
-            if n in cos and not isinstance(v, tuple):
-                v = _unit(np.asarray(v, dtype=np.float32))
-            out[n] = v
+            out[n] = transform(move, v) if n == gated else v
         return SPoint(pt.id, pt.payload, out)
     return expect
 
@@ -165,6 +161,15 @@ class Side:
         if points:
             batch = [to_struct(p) for p in points]
             qdrant.retrying(lambda: self.c.upsert(self.name, points=batch, wait=True), retries=self.retries)
+
+    def stored(self, p: SPoint) -> SPoint:
+        """A sent point as the collection holds it: Cosine vectors normalised in float32, as Qdrant's
+        insert path does (qdrant-client local mode: the same numpy expression)."""
+        if not self.cosine & set(p.vectors):
+            return p
+        return SPoint(p.id, p.payload, {n: _unit(np.asarray(v, dtype=np.float32))
+                                        if n in self.cosine and not isinstance(v, tuple) else v
+                                        for n, v in p.vectors.items()})
 
     def read(self, ids: list[str]) -> list[SPoint]:
         return retrieve(self.c, self.name, ids)

@@ -2,9 +2,12 @@
 pgvector table), by id range, with resume.
 
 The target side is a small interface (`write`, `read` by ids, `scan` an id range in Qdrant's id
-order, `delete`, `cosine`: the vector names it stores as unit vectors); `qdrant_clone.Side` and
-`qdrant_to_pg.Side` implement it. `expect` turns a source point into the point the target must hold
-(the declared transform, the payload fields carried).
+order, `delete`, `stored`: a sent point as the side will hold it, `cosine`: the vector names it
+stores as unit vectors); `qdrant_clone.Side` and `qdrant_to_pg.Side` implement it. `expect` turns a
+source point into the point sent (the declared transform, the payload fields carried); the proof
+compares the side's points with `stored(sent)`. A Cosine vector is sent as it is and normalised once,
+by the store: normalising it before sending made the store normalise a unit vector again, an ulp
+apart, and every range of a Cosine collection was bisected down to its points.
 
 copy: the plan's ranges in order; a range already marked `copied` in the book (`qdrant_book`) is
 skipped, so a run interrupted anywhere resumes at the first range not recorded (a range is recorded
@@ -51,9 +54,9 @@ def diff(want: list[SPoint], have: list[SPoint], cosine: set[str], tol: float) -
             "differing": sorted(i for i in w.keys() & h.keys() if not same_point(w[i], h[i], cosine, tol))}
 
 
-def repair(side, want: list[SPoint], d: dict[str, list[str]]) -> int:
+def repair(side, sent: list[SPoint], d: dict[str, list[str]]) -> int:
     fix = set(d["missing"]) | set(d["differing"])
-    side.write([p for p in want if p.id in fix])
+    side.write([p for p in sent if p.id in fix])
     side.delete(d["extra"])
     return len(fix) + len(d["extra"])
 
@@ -61,16 +64,17 @@ def repair(side, want: list[SPoint], d: dict[str, list[str]]) -> int:
 def copy_range(src_c, source: str, side, expect: Expect, lo: str | None, hi: str | None,
                tol: float) -> dict[str, Any]:
     """One range: read, write, read back, prove (count + checksum); repair once on a mismatch."""
-    want = [expect(p) for p in scan(src_c, source, lo, hi)]
-    side.write(want)
+    sent = [expect(p) for p in scan(src_c, source, lo, hi)]
+    side.write(sent)
     t0 = time.perf_counter()
+    want = [side.stored(p) for p in sent]
     ids = [p.id for p in want]
     have = side.read(ids)
     out = {"count": len(want), "sum": range_sum(want), "repaired": 0, "mismatch": False}
     if range_sum(have) != out["sum"]:
         d = diff(want, have, side.cosine, tol)
         if any(d.values()):
-            out["repaired"] = repair(side, want, d)
+            out["repaired"] = repair(side, sent, d)
             out["mismatch"] = any(diff(want, side.read(ids), side.cosine, tol).values())
     out["verify_seconds"] = time.perf_counter() - t0
     return out
@@ -115,7 +119,8 @@ def reconcile(src_c, source: str, side, expect: Expect, ranges: list[list[str | 
 
     def walk(lo, hi) -> tuple[Any, Any]:
         """(source sum, target sum after any repair) of [lo, hi)."""
-        want = [expect(p) for p in scan(src_c, source, lo, hi)]
+        sent = [expect(p) for p in scan(src_c, source, lo, hi)]
+        want = [side.stored(p) for p in sent]
         have = list(side.scan(lo, hi))
         ws, hs = range_sum(want), range_sum(have)
         if ws == hs:
@@ -130,7 +135,7 @@ def reconcile(src_c, source: str, side, expect: Expect, ranges: list[list[str | 
             return ws, hs
         for k in found:
             found[k] += len(d[k])
-        out["repaired"] += repair(side, want, d)
+        out["repaired"] += repair(side, sent, d)
         after = list(side.scan(lo, hi))
         if any(diff(want, after, side.cosine, tol).values()):
             out["unresolved"].append([lo, hi])

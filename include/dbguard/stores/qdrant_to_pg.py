@@ -133,6 +133,9 @@ class Side:
         self.remove = sql.SQL("DELETE FROM {} WHERE {}::text = ANY(%s)").format(qname(t.schema_, t.table),
                                                                                   sql.Identifier(t.key))
 
+    def stored(self, p: SPoint) -> SPoint:
+        return p  # pgvector keeps the float32 vector as sent
+
     def _row(self, p: SPoint) -> tuple:
         vals: list[Any] = [int(p.id) if self.move.pgvector.key_type == "bigint" else p.id]
         for col, dec, is_json in self.decode:
