@@ -5,6 +5,8 @@ configuration is recreated, every range is proven, an altered point is found and
 interrupted copy resumes, the alias swap and its rollback, the retrieval gate on both shapes."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from psycopg import sql
@@ -454,3 +456,37 @@ def test_validate_names_each_collection_move_and_no_postgresql_connection(tmp_pa
     path.write_text(yaml.safe_dump(raw))
     assert cli.main(["validate", str(path)]) == 0
     assert "collections: qdrant items_live -> qdrant items_v2" in capsys.readouterr().out
+
+
+def test_dbguard_run_migrates_a_persistent_local_collection_and_moves_the_alias(airflow_db, tmp_path, monkeypatch):
+    """`dbguard run` on a Qdrant -> Qdrant spec, in another process, on local mode under a directory:
+    one JSON line, status cutover, the alias on the new collection."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    qdir = tmp_path / "qd"
+    monkeypatch.delenv("AIRFLOW_CONN_QDRANT_DEFAULT", raising=False)
+    monkeypatch.setenv("DBGUARD_QDRANT_DIR", str(qdir))
+    qdrant.close_all()
+    vecs = clustered(200, 20, norm_spread=0.9)
+    c = qdrant.client("qdrant_default")
+    live(c, vecs)
+    qdrant.swap_alias(c, "items", LIVE)
+    qdrant.close_all()  # the directory's lock goes to the run
+    raw = q2q(gold=write_gold(tmp_path / "g.jsonl", vecs[::19]))
+    raw.update(name="q2q_cli", run_cutover=True)
+    path = tmp_path / "q2q_cli.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "DBGUARD_REPORT_DIR": str(tmp_path / "reports")}
+    proc = subprocess.run([sys.executable, "-m", "dbguard.cli", "run", str(path)], capture_output=True, text=True,
+                          env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["status"], result["checksum_ok"], result["migrated_rows"]) == ("cutover", True, 200), result
+    try:
+        assert qdrant.alias_target(qdrant.client("qdrant_default"), "items") == NEW
+    finally:
+        qdrant.close_all()
