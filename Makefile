@@ -115,6 +115,9 @@ CHECK_SLOW := \
 	tests/test_qdrant.py::test_docs_into_qdrant_pass_every_gate_in_a_dag_run \
 	tests/test_qdrant.py::test_dot_on_raw_lengths_fails_the_dag_run_naming_the_metric \
 	tests/test_qdrant_cutover.py::test_readers_move_to_qdrant_at_cutover_and_back_at_rollback_losing_no_write \
+	tests/test_qdrant_source.py::test_q2q_dag_copies_gates_and_moves_the_alias_and_its_rollback_dag_moves_it_back \
+	tests/test_qdrant_source.py::test_q2pg_dag_copies_indexes_and_gates_and_a_failed_gate_fails_the_run_naming_the_metric \
+	tests/test_qdrant_source.py::test_dbguard_run_migrates_a_persistent_local_collection_and_moves_the_alias \
 	tests/test_run_truth.py::test_a_failed_step_puts_its_message_in_the_result_reason \
 	tests/test_column_contract.py::test_column_shape_under_a_writer_through_cutover_and_rollback \
 	tests/test_partitions.py::test_a_partitioned_table_through_cutover_and_rollback_under_a_writer \
