@@ -276,14 +276,19 @@ def test_alias_cutover_moves_readers_to_the_new_collection_and_rollback_moves_th
     assert cs.finish(spec)["items"]["dropped"] == LIVE and not qd.collection_exists(LIVE) and m_of() == 40
 
 
-def test_cutover_is_refused_when_the_source_was_written_after_reconcile(qd):
+@pytest.mark.parametrize("stamp", ["epoch", "rfc3339"])
+def test_cutover_is_refused_when_the_source_was_written_after_reconcile(qd, stamp):
+    import datetime as dt
+    import time
+
     from qdrant_client import models as m
 
-    import time
-    live(qd, clustered(60, 7), payload=lambda i: {"title": f"item {i}", "updated": 1.0})
+    at = (lambda t: t) if stamp == "epoch" else (  # noqa: E731
+        lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat().replace("+00:00", "Z"))
+    live(qd, clustered(60, 7), payload=lambda i: {"title": f"item {i}", "updated": at(1.0)})
     spec = parse_spec(q2q(source={"updated_field": "updated"}))
     run_to_reconcile(spec)
-    qd.set_payload(LIVE, {"updated": time.time() + 1}, points=[5], wait=True)  # an update: the count stays
+    qd.set_payload(LIVE, {"updated": at(time.time() + 1)}, points=[5], wait=True)  # an update: the count stays
     with pytest.raises(cs.CollectionFailed, match="1 point\\(s\\) have updated after reconcile began"):
         cs.cutover(spec, "r1")
     qd.upsert(LIVE, [m.PointStruct(id=999, vector={"dense": [0.1] * DIM, "thumb": [1, 1]}, payload={})], wait=True)
@@ -291,7 +296,7 @@ def test_cutover_is_refused_when_the_source_was_written_after_reconcile(qd):
         cs.cutover(spec, "r1")
     assert qdrant.alias_target(qd, "items") is None  # not moved
     cs.reconcile(spec, "r2")  # the write copied: now it may cut over
-    qd.set_payload(LIVE, {"updated": 1.0}, points=[5], wait=True)
+    qd.set_payload(LIVE, {"updated": at(1.0)}, points=[5], wait=True)
     assert cs.cutover(spec, "r2")["aliases"]["items"]["current"] == NEW
 
 
