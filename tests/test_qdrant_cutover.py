@@ -295,3 +295,32 @@ def test_readers_move_to_qdrant_at_cutover_and_back_at_rollback_losing_no_write(
                                    "docs_v1", [[None, None]])
     assert (rc["missing"], rc["extra"], rc["differing"], rc["repaired"]) == (0, 0, 0, 0), rc
     assert rc["points"] == len(src_keys)
+
+
+def test_a_tail_pass_that_fails_is_reported_and_the_tail_goes_on(dbpair, qd):
+    """The tail must not fail on a pass that cannot run (here the target table is not there):
+    a failed tail task is a failure after the flip, which rolls the run back. The pass is reported and
+    retried until rollback_ttl_minutes; the tail ends early once the run leaves phase cutover."""
+    import time as _time
+
+    from dbguard.cutover import readers
+    from dbguard.cutover.state import ensure as ensure_state, write as write_state
+    from dbguard.spec import parse_spec
+
+    load(dbpair, clustered(20, 23))
+    spec = parse_spec(qspec())
+    with dbpair.tgt() as c:
+        ledger.ensure(c)
+        ledger.set_metric(c, RUN, spec.name, "qdrant_snapshot", {"vs.items.emb": None})
+    with dbpair.src() as c:
+        ensure_state(c)
+        write_state(c, spec, RUN, phase="cutover", primary_side="target")
+        c.commit()
+    out = readers.keep_current(spec, RUN, _time.monotonic() + 3.0, every=0.1)
+    assert out["passes"] == 0 and out["failed_passes"] >= 1 and "does not exist" in out["errors"][0], out
+    with dbpair.src() as c:
+        write_state(c, spec, RUN, phase="rolled_back", primary_side="source")
+        c.commit()
+    t0 = _time.monotonic()
+    assert readers.keep_current(spec, RUN, t0 + 30, every=0.1)["failed_passes"] == 0
+    assert _time.monotonic() - t0 < 5  # rolled back: the tail stops at once

@@ -137,18 +137,23 @@ def keep_current(spec: MigrationSpec, run_id: str, until: float, *, every: float
     monotonic time `until` or until the run leaves phase `cutover` (rolled back or finished)."""
     from .steps import state
 
-    passes, applied, refused = 0, 0, 0
+    passes, applied, refused, errors = 0, 0, 0, []
     while True:
-        if state(spec, run_id)["phase"] != "cutover":
-            break
-        r = qdrant_sync.sync(spec, run_id, "reverse")
-        passes += 1
-        applied += sum(s["upserted"] + s["deleted"] for s in r["stores"].values())
-        refused += r["dual_write_fail"]
+        try:  # a pass that fails is reported and retried: failing the tail task would roll the run back
+            if state(spec, run_id)["phase"] != "cutover":
+                break
+            r = qdrant_sync.sync(spec, run_id, "reverse")
+            passes += 1
+            applied += sum(s["upserted"] + s["deleted"] for s in r["stores"].values())
+            refused += r["dual_write_fail"]
+            errors += r["unavailable"]
+        except Exception as e:  # noqa: BLE001  the window stays where it was; the next pass retries it
+            errors.append((str(e).strip().splitlines() or [type(e).__name__])[0])
         if time.monotonic() >= until:
             break
         time.sleep(min(every, max(0.0, until - time.monotonic())))
-    return {"passes": passes, "applied": applied, "dual_write_fail": refused}
+    return {"passes": passes, "applied": applied, "dual_write_fail": refused, "errors": errors[-5:],
+            "failed_passes": len(errors)}
 
 
 def search(spec: MigrationSpec, label: str, query, k: int) -> dict[str, Any]:
