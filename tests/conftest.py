@@ -77,6 +77,51 @@ def dbpair(servers, monkeypatch) -> DbPair:
     _drop_db(servers["target"], name)
 
 
+# ---- prepared pairs, copied per test ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def _pair_templates(servers):
+    made: dict[str, str] = {}  # key -> template database name (on both servers)
+    yield made
+    for name in made.values():
+        _drop_db(servers["source"], name)
+        _drop_db(servers["target"], name)
+
+
+def _quiet(server_dsn: str, name: str) -> None:
+    """No session left on a template (CREATE DATABASE ... TEMPLATE refuses one that has any)."""
+    with psycopg.connect(server_dsn, autocommit=True) as c:
+        c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                  "pg_backend_pid()", (name,))
+
+
+@pytest.fixture
+def prepared(servers, dbpair, _pair_templates, monkeypatch):
+    """`prepared(key, build)`: make this test's dbpair a copy of a pair `build(pair)` prepared once per session
+    (per xdist worker) for `key`. What a test starts from is the same as if it had run `build` itself: both
+    databases are byte copies (CREATE DATABASE ... TEMPLATE), in the same clusters, so transaction ids,
+    snapshots and the change ledger stay meaningful; nothing dbguard keeps lives outside a database."""
+    def make(key: str, build) -> None:
+        if key not in _pair_templates:
+            name = "tpl_" + uuid.uuid4().hex[:10]
+            pair = DbPair(dbpair.source, dbpair.target, _create_db(servers["source"], name),
+                          _create_db(servers["target"], name))
+            _pair_templates[key] = name
+            monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_SOURCE", pair.src_dsn)
+            monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_TARGET", pair.tgt_dsn)
+            try:
+                build(pair)
+            finally:
+                monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_SOURCE", dbpair.src_dsn)
+                monkeypatch.setenv("AIRFLOW_CONN_DBGUARD_TARGET", dbpair.tgt_dsn)
+        name, mine = _pair_templates[key], psycopg.conninfo.conninfo_to_dict(dbpair.src_dsn)["dbname"]
+        for server in (servers["source"], servers["target"]):
+            _quiet(server, name)
+            _drop_db(server, mine)
+            with psycopg.connect(server, autocommit=True) as c:
+                c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(mine), sql.Identifier(name)))
+    return make
+
+
 # ---- a third server, PostgreSQL 15 (a source of another major version) -------------------------------
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -16,15 +16,21 @@ from util import spec as make_spec
 from dbguard.writer import shop_writer
 
 
-@pytest.fixture
-def migrated(dbpair):
-    """The shop copied to the target with forward capture on and drained: the state at cutover."""
-    load_shop(dbpair.src_dsn, customers=300, orders=1200)
+def _copied_and_drained(pair):
+    load_shop(pair.src_dsn, customers=300, orders=1200)
     spec = shop_spec()
-    create_target(dbpair.tgt_dsn, spec)
+    create_target(pair.tgt_dsn, spec)
     capture.capture_on(spec, RUN)
-    copy_tables(dbpair, spec)
+    copy_tables(pair, spec)
     assert capture.drain(spec, RUN)["lag"] == 0
+
+
+@pytest.fixture
+def migrated(dbpair, prepared):
+    """The shop copied to the target with forward capture on and drained: the state at cutover (a copy of one
+    prepared per session)."""
+    prepared("capture_directions.migrated", _copied_and_drained)
+    spec = shop_spec()
     assert_identical(dbpair, spec)
     return spec
 

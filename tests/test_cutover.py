@@ -32,12 +32,18 @@ def migrate(spec, run_id=RUN):
     stages.finish_schema(spec, run_id)
 
 
+def _migrated_shop(customers: int, orders: int):
+    def build(pair):
+        load_shop(pair.src_dsn, customers=customers, orders=orders)
+        migrate(shop_spec())
+    return build
+
+
 @pytest.fixture
-def migrated(dbpair):
-    load_shop(dbpair.src_dsn, customers=300, orders=1200)
-    spec = shop_spec()
-    migrate(spec)
-    return spec
+def migrated(prepared):
+    """The shop (300 customers, 1,200 orders) migrated up to the flip: a copy of one prepared per session."""
+    prepared("cutover.migrated", _migrated_shop(300, 1200))
+    return shop_spec()
 
 
 def pointer_writer(dbpair, spec) -> Writer:

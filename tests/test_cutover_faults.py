@@ -13,17 +13,16 @@ from dbguard import capture, cutover
 from dbguard.demo import load_shop
 
 from test_capture import ROOT, assert_identical
-from test_cutover import RUN, migrate, shop_spec
+from test_cutover import RUN, _migrated_shop, migrate, shop_spec
 
 MIN_CUSTOMER = "(SELECT min(id) FROM shop.customers)"
 
 
 @pytest.fixture
-def migrated(dbpair):
-    load_shop(dbpair.src_dsn, customers=100, orders=300)
-    spec = shop_spec()
-    migrate(spec)
-    return spec
+def migrated(prepared):
+    """The shop (100 customers, 300 orders) migrated up to the flip: a copy of one prepared per session."""
+    prepared("cutover_faults.migrated", _migrated_shop(100, 300))
+    return shop_spec()
 
 
 def writable(dsn: str) -> bool:
