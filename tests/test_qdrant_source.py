@@ -400,6 +400,7 @@ def _dag_run(raw: dict, tmp_path, monkeypatch):
     path = tmp_path / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("DBGUARD_SPECS", str(path))
+    monkeypatch.setenv("DBGUARD_REPORT_DIR", str(tmp_path / "reports"))
     bag = dagbag()
     dag = bag.dags[f"dbguard_{raw['name']}"]
     run = dag.test()
@@ -421,6 +422,8 @@ def test_q2q_dag_copies_gates_and_moves_the_alias_and_its_rollback_dag_moves_it_
     assert result["lambda_state"] == "convergent" and result["delta_s_diff"] <= 0.02 and result["points_per_s"]
     assert result["aliases"]["items"] == {"previous": LIVE, "current": NEW}
     assert qdrant.alias_target(qd, "items") == NEW and qd.collection_exists(LIVE)
+    page = open(result["report"]).read()  # the stores side by side
+    assert "qdrant <b>items_live</b> (cosine, 16)" in page and "qdrant <b>items_v2</b> (cosine)" in page
     back = bag.dags["dbguard_q2q_dag_rollback"].test()
     assert back.state == "success" and qdrant.alias_target(qd, "items") == LIVE
 

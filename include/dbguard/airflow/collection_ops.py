@@ -7,7 +7,6 @@ PostgreSQL capture, no schema work; the run's numbers travel as XCom.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from airflow.sdk import BaseOperator, SkipMixin
@@ -18,7 +17,6 @@ from ..errors import DbguardError
 from ..ledger import result_line
 from . import env
 
-log = logging.getLogger(__name__)
 ERROR_XCOM_KEY = "dbguard_error"
 
 
@@ -127,6 +125,13 @@ class CollectionFinalize(CollectionOperator):
         result = cs.finalize(spec, context["run_id"], status, {
             "reconcile": pull("reconcile"), "shadow_reads": pull("shadow_reads"), "cutover": pull("cutover"),
             "copy": [c for c in copies if isinstance(c, dict)], "reason": "\n".join(errors) or None})
+        try:
+            from ..report import collections as report
+
+            result["report"] = str(report.write(spec, context["run_id"], result, pull("reconcile"),
+                                                pull("shadow_reads")))
+        except Exception as e:  # noqa: BLE001  the result line still goes out
+            self.log.warning("could not write the report: %s", e)
         ti.xcom_push(key=env.RESULT_XCOM_KEY, value=result)
         self.log.info("dbguard result: %s", result_line(result))
         if failed:
