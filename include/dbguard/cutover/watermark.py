@@ -34,6 +34,7 @@ Undo: `disarm()` drops the triggers (release, after the flip); the counter stays
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -178,11 +179,13 @@ def _sum(conn: psycopg.Connection, table, side: str, keys: list[tuple[str, ...]]
     return Checksum(count, total)
 
 
-def _mark(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[str, Any] | None:
-    """The watermark when it still holds (see the module doc), else None."""
+def _mark(spec: MigrationSpec, run_id: str, src: psycopg.Connection,
+          tgt: psycopg.Connection | None = None) -> dict[str, Any] | None:
+    """The watermark when it still holds (see the module doc), else None. `tgt`: an open target connection
+    (autocommit) to read it on, else one is opened."""
     if not spec.schema_freeze:
         return None
-    with db.target(spec) as tgt:
+    with contextlib.nullcontext(tgt) if tgt is not None else db.target(spec) as tgt:
         mark_ = ledger.metrics(tgt, run_id).get(METRIC)
         if not mark_ or "snapshot" not in mark_ or not _armed(tgt, spec) or _position(tgt) != mark_["foreign_writes"]:
             return None
@@ -194,19 +197,26 @@ def _mark(spec: MigrationSpec, run_id: str, src: psycopg.Connection) -> dict[str
 
 class Counted:
     """Whole-table row counts of both sides, each in a REPEATABLE READ snapshot that stays open (count_before)
-    until close(): verify() counts the changed keys in the same snapshots."""
+    until close(): verify() counts the changed keys in the same snapshots. Also the connections verify() reads
+    the present on (`sides`), opened here so that the freeze does not wait for connection setups."""
 
     def __init__(self, spec: MigrationSpec):
+        from ..reconcile import Sides
+
         self.src, self.tgt = db.source(spec), db.target(spec)
+        self.sides = Sides(spec)
         self.counts: dict[str, tuple[int, int]] = {}
 
     def changed(self, t, keys: list[tuple[str, ...]], h) -> tuple[int, int]:
-        """How many of `keys` each side held in its snapshot."""
-        return _sum(self.src, t, "source", keys, h).count, _sum(self.tgt, t, "target", keys, h).count
+        """How many of `keys` each side held in its snapshot (both sides at once)."""
+        s = self.sides.pool.submit(_sum, self.src, t, "source", keys, h)
+        g = _sum(self.tgt, t, "target", keys, h)
+        return s.result().count, g.count
 
     def close(self) -> None:
         for c in (self.src, self.tgt):
             c.close()  # read-only snapshots: nothing to commit
+        self.sides.close()
 
 
 def count_before(spec: MigrationSpec, run_id: str) -> Counted | None:
@@ -245,13 +255,13 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection,
     keys; without, both tables are counted here, under the freeze."""
     from ..reconcile import Sides
 
-    mark_ = _mark(spec, run_id, src)
+    mark_ = _mark(spec, run_id, src, before.sides.tgt if before is not None else None)
     if mark_ is None:
         return None
     keys = changed_keys(src, spec, mark_["snapshot"])
     if keys is None or (before is not None and set(before.counts) != {t.ref for t in spec.tables}):
         return None
-    sides = Sides(spec)
+    sides = before.sides if before is not None else Sides(spec)
     out = {}
     try:
         for t in spec.tables:
@@ -268,5 +278,6 @@ def verify(spec: MigrationSpec, run_id: str, src: psycopg.Connection,
                           "equal": s_all == g_all and s_ck == g_ck,
                           "source": s_ck.to_dict(), "target": g_ck.to_dict()}
     finally:
-        sides.close()
+        if before is None:
+            sides.close()  # before's are closed with it
     return out
