@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -34,82 +33,47 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import drop_databases, fresh_databases  # noqa: E402
+from dbguard.writer import Op, Workload, Writer  # noqa: E402
 
 NAME = "bench_scale"
 SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_ROWS", "1000000,10000000").split(",")]
 
 
-class PointerWriter:
-    """An application: one transaction per insert/update/delete on bench.items, at `rate` ops/s, writing to
-    whichever side dbguard.control names, read FOR SHARE in the source transaction that writes (README,
-    "Following the pointer"; a pointer read in its own transaction could be stale by the write)."""
+class ItemsWorkload(Workload):
+    """What the scale bench's application writes: inserts of new rows, updates of titles among the first 1,000
+    keys, deletes among keys 1,001..5,000 of bench.items."""
 
-    def __init__(self, dsns: dict[str, str], rate: float = 200, seed: int = 11, id_base: int = 2_000_000_000):
-        self.dsns, self.rate, self.rng = dsns, rate, random.Random(seed)
-        self.next_id, self.ops, self.errors, self.switches = id_base, 0, [], 0
-        self.max_stall = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    weights = {"insert": 4, "update": 5, "delete": 1}
 
-    def _primary(self, src: psycopg.Connection) -> str:
-        """Where to write, read FOR SHARE in `src`'s open transaction (the README's protocol): the cutover's
-        freeze holds this row, so the flip waits for this transaction and this transaction for the flip."""
-        row = None
-        if src.execute("SELECT to_regclass('dbguard.control')").fetchone()[0] is not None:
-            cols = {r[0] for r in src.execute("SELECT attname FROM pg_attribute WHERE attrelid = "
-                                              "'dbguard.control'::regclass AND attnum > 0")}
-            col = "write_target" if "write_target" in cols else "CASE WHEN read_source THEN 'source' ELSE 'target' END"
-            only = " AND direction = 'forward'" if "direction" in cols else ""
-            row = src.execute(f"SELECT {col} FROM dbguard.control WHERE migration = %s{only} FOR SHARE",
-                              (NAME,)).fetchone()
-        return (row[0] if row and row[0] else "source")
+    def __init__(self, id_base: int = 2_000_000_000):
+        self.next_id, self.n = id_base, 0
 
-    def _one(self, conn: psycopg.Connection) -> None:
-        kind = self.rng.choices(["insert", "update", "delete"], [4, 5, 1])[0]
+    def run(self, kind, conn, rng):
+        self.n += 1
         if kind == "insert":
             self.next_id += 1
             conn.execute("INSERT INTO bench.items (id, title, body, vec, created_at) VALUES "
                          "(%s, %s, 'written by the scale bench', '{1,2,3}', clock_timestamp())",
-                         (self.next_id, f"w{self.ops}"))
+                         (self.next_id, f"w{self.n}"))
         elif kind == "update":
-            conn.execute("UPDATE bench.items SET title = %s WHERE id = %s", (f"u{self.ops}", self.rng.randint(1, 1000)))
+            conn.execute("UPDATE bench.items SET title = %s WHERE id = %s", (f"u{self.n}", rng.randint(1, 1000)))
         else:
-            conn.execute("DELETE FROM bench.items WHERE id = %s", (self.rng.randint(1001, 5000),))
+            conn.execute("DELETE FROM bench.items WHERE id = %s", (rng.randint(1001, 5000),))
+        return Op(kind)
 
-    def _run(self) -> None:
-        # the source connection holds the pointer row FOR SHARE until the write (on whichever side) is done
-        src, tgt = psycopg.connect(self.dsns["source"]), psycopg.connect(self.dsns["target"], autocommit=True)
-        conns = {"source": src, "target": tgt}
-        t0 = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                began, side = time.monotonic(), "source"
-                try:
-                    side = self._primary(src)
-                    self._one(conns[side])
-                    src.commit()  # the source write, and the pointer row released
-                    self.ops += 1
-                except psycopg.Error as e:  # e.g. a fenced old primary: must not happen under this protocol
-                    src.rollback()
-                    self.errors.append(f"{side}: {str(e).splitlines()[0]}")
-                    self.switches += 1
-                self.max_stall = max(self.max_stall, time.monotonic() - began)
-                ahead = self.ops / self.rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
-        finally:
-            for c in conns.values():
-                c.close()
 
-    def start(self) -> "PointerWriter":
-        self._thread.start()
-        return self
+def pointer_writer(src: str, tgt: str) -> Writer:
+    """An application (dbguard.writer) on bench.items at 200 ops/s that follows the pointer: it reads
+    dbguard.control FOR SHARE in the source transaction that writes (README, "Following the pointer"), so it
+    must never meet the fence (errors by class: writer_fenced)."""
+    return Writer(ItemsWorkload(), src, tgt, migration=NAME, follow=True, rate=200, seed=11,
+                  synchronous_commit="on", max_errors=10_000, name="scale-writer")
 
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join(60)
-        return {"writer_ops": self.ops, "writer_errors": len(self.errors), "writer_max_stall_ms":
-                round(self.max_stall * 1000, 1), "writer_first_error": self.errors[:1]}
+
+def writer_stats(w: Writer) -> dict:
+    s = w.stop()
+    return {"writer_ops": s["ops"], "writer_errors": s["errors"], "writer_fenced": s["error_kinds"].get("fenced", 0),
+            "writer_max_stall_ms": s["max_stall_ms"], "writer_first_error": s["first_error"]}
 
 
 def row_diff(src: str, tgt: str, batch: int = 50_000) -> int:
@@ -222,11 +186,12 @@ class RssSampler:
 
 
 def writer_process(src: str, tgt: str) -> None:
-    """In its own process: the PointerWriter until a line (or EOF) on stdin, then its stats and peak RSS."""
-    w = PointerWriter({"source": src, "target": tgt}).start()
+    """In its own process: the pointer-following writer until a line (or EOF) on stdin, then its stats
+    and peak RSS."""
+    w = pointer_writer(src, tgt).start()
     print("ready", flush=True)
     sys.stdin.readline()
-    print(json.dumps({**w.stop(), "peak_rss_mb": round(_status_mb("VmHWM"), 1)}), flush=True)
+    print(json.dumps({**writer_stats(w), "peak_rss_mb": round(_status_mb("VmHWM"), 1)}), flush=True)
 
 
 def load_process(dsn: str, rows: int) -> None:
