@@ -132,3 +132,35 @@ def test_verify_checksum_keeps_the_sql_checksum(dbpair):
     stages.preflight(s, "p")
     res = backfill.copy_range(catalog.resolve(s), "p", plan_all(s))
     assert res.ok and res.extra["proof"] == "checksum" and res.source.count == 30
+
+
+
+def test_the_read_back_walks_the_key_index_and_restores_the_planner_settings(dbpair):
+    """Rows the copy just wrote have no statistics: left alone the planner sorts the range (on disk, at 250,000
+    rows). The read-back runs with sort and bitmap scans off, and only for its own statement: the transaction's
+    settings, including one the session set itself, are as before."""
+    from dbguard import range_proof
+
+    _table(dbpair, "text", "'x'", rows=20_000)
+    s = catalog.resolve(_spec("text"))
+    query = sql.SQL("EXPLAIN SELECT * FROM t WHERE id BETWEEN 10 AND 15000 ORDER BY id")
+    with dbpair.tgt() as c:
+        run(c, "CREATE TABLE t (id integer PRIMARY KEY, v text)")
+        c.execute("BEGIN")
+        c.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 20000) g")  # as the copy: no statistics
+        left_alone = "\n".join(r[0] for r in c.execute(query).fetchall())
+        with range_proof.index_order(c):
+            hinted = "\n".join(r[0] for r in c.execute(query).fetchall())
+        got = range_proof.read_back(c, s.tables[0], plan(c, s.tables[0], 50_000)[0], "binary")
+        after = c.execute("SELECT current_setting('enable_sort'), current_setting('enable_bitmapscan')").fetchone()
+        c.execute("ROLLBACK")
+        c.execute("SET enable_bitmapscan = off")  # the session's own choice: must survive
+        c.execute("BEGIN")
+        with range_proof.index_order(c):
+            pass
+        session = c.execute("SELECT current_setting('enable_sort'), current_setting('enable_bitmapscan')").fetchone()
+        c.execute("ROLLBACK")
+    assert "Sort" in left_alone, left_alone  # the situation is real
+    assert "Index Scan" in hinted and "Sort" not in hinted, hinted
+    assert got.count == 20_000
+    assert after == ("on", "on") and session == ("on", "off")

@@ -23,9 +23,12 @@ tolerance), and a generated column (re-generated on the target, never carried, s
 """
 from __future__ import annotations
 
-import xxhash
+import contextlib
+from typing import Iterator
+
 import psycopg
-from psycopg import sql
+import xxhash
+from psycopg import pq, sql
 
 from .checksum import Checksum, relation
 from .ranges import KeyRange, order_by, predicate
@@ -85,6 +88,29 @@ def read_back(tgt: psycopg.Connection, table: Table, r: KeyRange, fmt: str) -> C
     from .backfill import copy_out  # backfill imports this module
 
     d = StreamDigest(fmt)
-    for _ in copy_out(tgt, target_query(table, r, fmt).as_bytes(tgt), digest=d):
-        pass
+    with index_order(tgt):
+        for _ in copy_out(tgt, target_query(table, r, fmt).as_bytes(tgt), digest=d):
+            pass
     return d.checksum()
+
+
+PLANNER_SETTINGS = ("enable_sort", "enable_bitmapscan")
+
+
+@contextlib.contextmanager
+def index_order(conn: psycopg.Connection) -> Iterator[None]:
+    """Read in key order along the key's index, for the rest of this statement only.
+
+    The rows the copy just wrote have no statistics yet, so the planner guesses a few thousand rows in the
+    range and picks a bitmap scan plus a sort: at 250,000 rows a 140 MB external merge on disk, and a fifth
+    more target CPU than walking the primary key's index, which already yields the key order. The previous
+    values come back afterwards (SET LOCAL would last until the copy's transaction ends)."""
+    before = [(n, conn.execute("SELECT current_setting(%s)", (n,)).fetchone()[0]) for n in PLANNER_SETTINGS]
+    for n, _ in before:
+        conn.execute("SELECT set_config(%s, 'off', true)", (n,))
+    try:
+        yield
+    finally:
+        if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.INTRANS:
+            for n, v in before:
+                conn.execute("SELECT set_config(%s, %s, true)", (n, v))
