@@ -128,7 +128,13 @@ CHECK_ARGS := $(foreach t,$(CHECK_SLOW),$(if $(findstring ::,$(t)),--deselect=$(
 check: $(VENV_STAMP) $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q -W ignore::DeprecationWarning $(PYTEST_PARALLEL) $(CHECK_ARGS)
 
-bench: $(VENV_STAMP) $(AIRFLOW_STAMP)
+# Peer tools the benchmarks compare against (reladiff), kept out of requirements.txt: the tests do not use them.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): bench/requirements.txt $(VENV_STAMP)
+	$(BIN)/python -m pip install -q -r bench/requirements.txt
+	@touch $@
+
+bench: $(VENV_STAMP) $(AIRFLOW_STAMP) $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 # The demo DAG on CeleryExecutor: Redis broker, PostgreSQL metadata DB, two Celery workers; ends with one JSON line.

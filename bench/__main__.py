@@ -167,8 +167,40 @@ def bench_reconcile(rows: int) -> None:
         return time.monotonic() - t0
 
     b1, o1, b2, o2 = baseline(), ours(), baseline(), ours()
+    peer = reladiff_seconds(dsns, rows)
     line("reconcile", rows, min(o1, o2), "md5(t::text) scan of source and target at once", min(b1, b2),
-         **peak_rss_mb())
+         peer=peer and {"tool": "reladiff 0.6.0 (hashdiff, all columns, 2 threads)", "seconds": peer,
+                        "times_faster": round(peer / min(o1, o2), 2)}, **peak_rss_mb())
+
+
+def reladiff_seconds(dsns: dict[str, str], rows: int) -> float | None:
+    """The peer tool on the same identical tables: reladiff's hashdiff (segment checksums on both servers,
+    bisecting where they differ), every column compared, best of 2. None when reladiff is not installed
+    (`make bench` installs bench/requirements.txt)."""
+    try:
+        import logging
+        import reladiff
+    except ModuleNotFoundError:
+        return None
+
+    def table(dsn: str):
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        return reladiff.connect_to_table(
+            {"driver": "postgresql", **{k: info[k] for k in ("host", "port", "user", "password") if info.get(k)},
+             "dbname": info["dbname"]}, ("bench", "items"), "id", thread_count=2)
+
+    cols = tuple(c["name"] for c in WIDE_COLUMNS if c["name"] != "id")
+    best = None
+    logging.disable(logging.WARNING)  # "no compatibility handling" for each text and array column, each run
+    for _ in range(2):
+        t0 = time.monotonic()
+        a, b = (table(dsns[k]).new(extra_columns=cols) for k in ("dbguard_source", "dbguard_target"))
+        diff = list(reladiff.diff_tables(a, b, max_threadpool_size=2))
+        took = time.monotonic() - t0
+        assert not diff, f"reladiff found {len(diff)} differences in identical tables"
+        best = took if best is None else min(best, took)
+    logging.disable(logging.NOTSET)
+    return round(best, 3)
 
 
 BENCHES = {"backfill": bench_backfill, "reconcile": bench_reconcile}
