@@ -146,7 +146,7 @@ def child(spec_path: str) -> None:
     result = env.run_result(dag_run) or {}
     print(json.dumps({"wall": wall, "stages": {k: round(v, 2) for k, v in stages.items()},
                       "status": result.get("status"), "checksum_ok": result.get("checksum_ok"),
-                      "cutover_ms": result.get("cutover_ms"),
+                      "cutover_ms": result.get("cutover_ms"), "checksum_gate_mode": result.get("checksum_gate_mode"),
                       "peak_rss_mb": round(_status_mb("VmHWM"), 1), "rss_before_run_mb": round(before, 1),
                       "stage_rss_mb": {k: round(v, 1) for k, v in stage_rss.items()}}), flush=True)
 
@@ -263,7 +263,8 @@ def one_size(rows: int, tmp: Path) -> dict:
            "bench": round(_status_mb("VmHWM"), 1)}  # this process: drain and row_diff (all sizes so far)
     return {"rows": rows, "load_seconds": loaded["seconds"], "dag_seconds": round(last["wall"], 1),
             "seconds_per_stage": last["stages"], "status": last["status"], "checksum_ok": last["checksum_ok"],
-            "cutover_ms": last["cutover_ms"], "peak_rss_mb": max(v for v in per.values() if v is not None),
+            "cutover_ms": last["cutover_ms"], "checksum_gate_mode": last["checksum_gate_mode"],
+            "peak_rss_mb": max(v for v in per.values() if v is not None),
             "peak_rss_mb_per_process": per, "worker_rss_before_run_mb": last["rss_before_run_mb"],
             "worker_stage_rss_mb": last["stage_rss_mb"], **cut, "lost": lost, **wstats}
 
@@ -290,6 +291,7 @@ def main() -> None:
                       "lost": sum(r["lost"] for r in results),
                       "time_growth": round(big["dag_seconds"] / small["dag_seconds"], 2), "rows_growth": ratio,
                       "status": big["status"], "cutover_ms": big["cutover_ms"],
+                      "checksum_gate_mode": big["checksum_gate_mode"],  # a live writer: "measured"
                       "writer_errors": sum(r["writer_errors"] for r in results),
                       "writer_max_stall_ms": big["writer_max_stall_ms"], "sizes": results}), flush=True)
 
