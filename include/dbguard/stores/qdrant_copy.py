@@ -141,19 +141,15 @@ def expected(store: VectorStore, points: list[qdrant.Point]) -> list[qdrant.Poin
 def diff(store: VectorStore, want: list[qdrant.Point], have: list[qdrant.Point],
          tolerance: float) -> dict[str, list[str]]:
     """Point by point: missing on the target, extra on the target, differing (id, payload or vector)."""
-    w, h = {p.id: p for p in want}, {p.id: p for p in have}
     cosine = qdrant.distance(store) == "Cosine"
-    differing = []
-    for pid in w.keys() & h.keys():
-        a, b = w[pid], h[pid]
-        if a.digest() == b.digest():
-            continue
-        if (cosine and qdrant_payload.canonical(a.payload) == qdrant_payload.canonical(b.payload)
-                and _same_direction(a.vector, b.vector, tolerance)):
-            continue  # the store's own (re)normalisation: same unit vector within the tolerance
-        differing.append(pid)
-    return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()),
-            "differing": sorted(differing)}
+
+    def same(a: qdrant.Point, b: qdrant.Point) -> bool:
+        # or the store's own (re)normalisation: the same unit vector within the tolerance
+        return a.digest() == b.digest() or bool(
+            cosine and qdrant_payload.canonical(a.payload) == qdrant_payload.canonical(b.payload)
+            and _same_direction(a.vector, b.vector, tolerance))
+
+    return qdrant.diff_points(want, have, same)
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:

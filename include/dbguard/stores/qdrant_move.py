@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import qdrant_copy, qdrant_payload
+from . import qdrant, qdrant_copy, qdrant_payload
 from .qdrant_book import Book
-from .qdrant_source import SPoint, range_sum, scan
+from .qdrant_source import SPoint, scan
 
 Expect = Callable[[SPoint], SPoint]
 
@@ -49,9 +49,7 @@ def same_point(a: SPoint, b: SPoint, cosine: set[str], tol: float) -> bool:
 
 
 def diff(want: list[SPoint], have: list[SPoint], cosine: set[str], tol: float) -> dict[str, list[str]]:
-    w, h = {p.id: p for p in want}, {p.id: p for p in have}
-    return {"missing": sorted(w.keys() - h.keys()), "extra": sorted(h.keys() - w.keys()),
-            "differing": sorted(i for i in w.keys() & h.keys() if not same_point(w[i], h[i], cosine, tol))}
+    return qdrant.diff_points(want, have, lambda a, b: same_point(a, b, cosine, tol))
 
 
 def repair(side, sent: list[SPoint], d: dict[str, list[str]]) -> int:
@@ -70,8 +68,8 @@ def copy_range(src_c, source: str, side, expect: Expect, lo: str | None, hi: str
     want = [side.stored(p) for p in sent]
     ids = [p.id for p in want]
     have = side.read(ids)
-    out = {"count": len(want), "sum": range_sum(want), "repaired": 0, "mismatch": False}
-    if range_sum(have) != out["sum"]:
+    out = {"count": len(want), "sum": qdrant.RangeSum.of(want), "repaired": 0, "mismatch": False}
+    if qdrant.RangeSum.of(have) != out["sum"]:
         d = diff(want, have, side.cosine, tol)
         if any(d.values()):
             out["repaired"] = repair(side, sent, d)
@@ -122,7 +120,7 @@ def reconcile(src_c, source: str, side, expect: Expect, ranges: list[list[str | 
         sent = [expect(p) for p in scan(src_c, source, lo, hi)]
         want = [side.stored(p) for p in sent]
         have = list(side.scan(lo, hi))
-        ws, hs = range_sum(want), range_sum(have)
+        ws, hs = qdrant.RangeSum.of(want), qdrant.RangeSum.of(have)
         if ws == hs:
             return ws, hs
         if len(want) > leaf:
@@ -139,7 +137,7 @@ def reconcile(src_c, source: str, side, expect: Expect, ranges: list[list[str | 
         after = list(side.scan(lo, hi))
         if any(diff(want, after, side.cosine, tol).values()):
             out["unresolved"].append([lo, hi])
-        return ws, range_sum(after)
+        return ws, qdrant.RangeSum.of(after)
 
     from .qdrant import RangeSum
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
-import xxhash
 
 from ..spec import QDRANT_DISTANCE, CollectionMove
 from . import qdrant, qdrant_payload
@@ -31,7 +30,6 @@ class SPoint:
     def digest(self) -> int:
         if set(self.vectors) == {""}:
             return qdrant.point_hash(self.id, self.payload, self.vectors[""])
-        h = xxhash.xxh3_64()  # as qdrant.point_hash
         parts = [self.id.encode(), qdrant_payload.canonical(self.payload).encode()]
         for name in sorted(self.vectors):
             v = self.vectors[name]
@@ -40,17 +38,7 @@ class SPoint:
             else:
                 data = b"d" + np.ascontiguousarray(v, dtype="<f4").tobytes()
             parts += [name.encode(), data]
-        for part in parts:
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-        return h.intdigest()
-
-
-def range_sum(points) -> qdrant.RangeSum:
-    n, s = 0, 0
-    for p in points:
-        n, s = n + 1, (s + p.digest()) & qdrant.MASK64
-    return qdrant.RangeSum(n, s)
+        return qdrant.framed_hash(parts)  # as qdrant.point_hash frames a point of one vector
 
 
 def _sparse(v) -> Sparse:
